@@ -1,0 +1,91 @@
+"""Shared fixtures: tiny random-weight models of each supported architecture (with the default model's real
+tokenizer) for unit tests, and the default SmolLM2 model for integration tests."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+ARCHS = ("llama", "qwen2", "gemma3_text")
+
+
+def tiny_config(arch: str, vocab_size: int, layers: int = 6):
+    from transformers import Gemma3TextConfig, LlamaConfig, Qwen2Config
+
+    common = dict(vocab_size=vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=layers,
+                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512, pad_token_id=2,
+                  eos_token_id=2, bos_token_id=1)
+    if arch == "llama":
+        return LlamaConfig(**common, tie_word_embeddings=True)
+    if arch == "qwen2":
+        return Qwen2Config(**common, tie_word_embeddings=False)
+    if arch == "gemma3_text":
+        return Gemma3TextConfig(**common, head_dim=16, sliding_window=8, final_logit_softcapping=30.0,
+                                layer_types=["sliding_attention", "full_attention"] * (layers // 2))
+    raise ValueError(arch)
+
+
+def make_tiny(arch: str, tokenizer, layers: int = 6, seed: int = 0, dtype=torch.float32):
+    """A random-weight model of the real architecture; weights perturbed so every layer matters."""
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(tiny_config(arch, len(tokenizer), layers), dtype=dtype)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.add_(torch.randn_like(p) * 0.1)
+    return model.eval()
+
+
+@pytest.fixture(scope="session")
+def tokenizer():
+    from transformers import AutoTokenizer
+
+    from sortedllm.models import resolve_folder
+
+    tok = AutoTokenizer.from_pretrained(resolve_folder("smollm2-135m"))
+    return tok
+
+
+@pytest.fixture(params=ARCHS)
+def arch_name(request):
+    return request.param
+
+
+@pytest.fixture
+def tiny(arch_name, tokenizer):
+    """(model, tokenizer) for each architecture in turn."""
+    return make_tiny(arch_name, tokenizer), tokenizer
+
+
+@pytest.fixture
+def tiny_sorted(tiny):
+    from sortedllm import SortedModel
+
+    model, tok = tiny
+    return SortedModel(model, tok, exits=[2, 4, 6])
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory, tokenizer):
+    """A saved tiny LLaMA folder (plain HF model + tokenizer), for CLI tests."""
+    path = tmp_path_factory.mktemp("tiny") / "llama"
+    model = make_tiny("llama", tokenizer)
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def default_model():
+    """The default SmolLM2-135M model (30 layers), loaded once per session."""
+    from sortedllm import SortedModel
+
+    return SortedModel.from_pretrained("smollm2-135m")
