@@ -13,6 +13,8 @@ from .errors import SortedError
 COMMANDS = {
     "train": ("sortedllm.train.recipe", "SoFT (or SFT) fine-tuning from a YAML config plus --field overrides"),
     "evaluate": ("sortedllm.evaluate", "per-exit evaluation of a checkpoint (loss, tasks, report)"),
+    "export": ("sortedllm.export", "write sub-models (first k layers) as ordinary HF models, optionally GGUF"),
+    "generate": ("sortedllm.inference.cli", "generate text: static exit, self-speculative decoding, early exit"),
 }
 
 USAGE = "usage: sortedllm <command> [--debug] [options]\n\ncommands:\n" + "\n".join(
@@ -28,6 +30,16 @@ def quiet_libraries() -> None:
     hf_logging.disable_progress_bar()  # weight-loading bars only; the Trainer's own bar stays
     warnings.filterwarnings("ignore", category=FutureWarning)
     warnings.filterwarnings("ignore", message=".*pin_memory.*")
+
+
+def report(exc: BaseException, message: str, code: int, debug: bool) -> int:
+    """One line on stderr (with --debug, the traceback first)."""
+    if debug:
+        import traceback
+
+        traceback.print_exception(exc)
+    print("error: " + " ".join(message.split()), file=sys.stderr)
+    return code
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -47,10 +59,15 @@ def main(argv: list[str] | None = None) -> int:
         module = importlib.import_module(COMMANDS[command][0])
         return module.main(rest) or 0
     except SortedError as e:
-        if debug:
+        return report(e, str(e), e.exit_code, debug)
+    except OSError as e:  # the environment (disk full, read-only, permissions), not a bug: one line too
+        from .checkpoint import io_problem
+
+        problem = io_problem(e)
+        if problem is None:
             raise
-        print(f"error: {e}", file=sys.stderr)
-        return e.exit_code
+        where = f": {e.filename}" if e.filename else ""
+        return report(e, f"{problem}{where} (free space or fix permissions, then retry)", 2, debug)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130

@@ -27,6 +27,20 @@ class ScriptArguments:
         "help": "Held-out data for the per-exit loss (default: the test split of a built-in task)."})
     eval_limit: int | None = field(default=200, metadata={"help": "Use only the first N held-out rows."})
     dtype: str = field(default="float32", metadata={"help": "Weights dtype: float32, bfloat16 or float16."})
+    base: str | None = field(default=None, metadata={
+        "help": "--mode ict: the frozen SFT (or SoFT) checkpoint whose per-exit heads are trained (replaces --model)."})
+    lora: str | None = field(default=None, metadata={
+        "help": "Train a LoRA adapter instead of all weights: r=16,alpha=32,targets=q_proj,v_proj[,dropout=0.05] "
+                "(targets default all-linear), or a YAML mapping."})
+    resume: str | None = field(default=None, metadata={
+        "help": "Continue an interrupted run: --resume alone (or 'latest') = the latest whole checkpoint-N in "
+                "output_dir, 'auto' = the same or a fresh start if there is none, or a checkpoint folder. Same data "
+                "order, RNG and exit schedule as the original run."})
+    dry_run: bool = field(default=False, metadata={
+        "help": "--dry-run: build the model on the meta device from its config (no weights, no data), check the "
+                "exits, print parameters, memory per GPU per engine and FLOPs per step of SoFT vs SFT, and stop."})
+    dry_run_gpus: int | None = field(default=None, metadata={
+        "help": "GPUs the dry run plans for (default: the launched process count, else 8 as in the paper)."})
 
 
 class ArgumentParser(argparse.ArgumentParser):
@@ -82,4 +96,7 @@ def parse_config(dataclasses: tuple, argv: list[str], prog: str = "sortedllm tra
         raise
     except (ValueError, TypeError) as e:
         raise SortedError(f"invalid configuration: {str(e).splitlines()[0]}") from e
+    except ImportError as e:  # e.g. an accelerate DeepSpeed config launched without deepspeed installed
+        raise SortedError(f"this configuration needs a package that is not installed ({str(e).splitlines()[0]}); "
+                          f"pip install it (DeepSpeed: pip install deepspeed)") from e
 

@@ -144,8 +144,14 @@ class SortedModel:
     @classmethod
     def from_pretrained(cls, spec: str, exits=None, **load_kwargs) -> "SortedModel":
         """Load a checkpoint (reads its `sorted_config.json`) or any plain model (exits default to count:8)."""
-        model, tokenizer = load_model(spec, **load_kwargs)
         config = SortedConfig.load(spec) if Path(spec).is_dir() else None
+        if config is not None and config.mode == "ict":  # per-exit heads beside a reference to their frozen base
+            from .checkpoint import verify_manifest
+            from .train.ict import load_ict
+
+            verify_manifest(spec, require=False, fix="re-save or re-copy it")  # (load_model checks the base's)
+            return load_ict(spec, config, exits=exits, **load_kwargs)
+        model, tokenizer = load_model(spec, **load_kwargs)
         sm = cls(model, tokenizer, exits=exits, config=config)
         sm.source = spec
         return sm
@@ -168,6 +174,10 @@ class SortedModel:
 
         for k, v in config_updates.items():
             setattr(self.config, k, v)
+        if self.exit_heads:  # ICT: only the heads + the base reference (train/ict.py)
+            from .train.ict import save_ict
+
+            return save_ict(self, folder)
         with atomic_dir(folder) as tmp:
             self.model.save_pretrained(tmp, safe_serialization=True)
             if self.tokenizer is not None:

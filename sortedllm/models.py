@@ -85,6 +85,16 @@ def check_gguf(path: Path) -> None:
         magic = f.read(4)
     if magic != b"GGUF":
         raise SortedError(f"{path} is not a valid GGUF file (bad magic {magic!r}); re-download or re-convert it")
+    from gguf import GGUFReader
+
+    try:  # header, metadata and every tensor's extent must fit in the file (catches truncated downloads)
+        reader = GGUFReader(path)
+        size = path.stat().st_size
+        bad = next((t.name for t in reader.tensors if t.data_offset + t.n_bytes > size), None)
+    except Exception as e:  # the parser raises ValueError/IndexError/struct errors for damaged files
+        raise SortedError(f"{path} is truncated or damaged ({type(e).__name__}: {str(e)[:120]}); re-download it")
+    if bad is not None:
+        raise SortedError(f"{path} is truncated: tensor {bad} extends past the end of the file; re-download it")
 
 
 def _gguf_cache_folder(source: ModelSource) -> Path:
@@ -158,6 +168,9 @@ def load_model(spec: str = DEFAULT_MODEL, *, dtype: str | torch.dtype | None = N
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     folder = resolve_folder(spec, trust_remote_code)
+    from .checkpoint import check_model_folder
+
+    check_model_folder(folder, spec, trust_remote_code)  # damaged, pickle-only or custom-code folders
     torch_dtype = DTYPES.get(dtype, dtype) if isinstance(dtype, str) else dtype
     if isinstance(dtype, str) and dtype not in DTYPES and dtype != "auto":
         raise SortedError(f"unknown dtype '{dtype}': use one of {', '.join(DTYPES)} or auto")
@@ -165,8 +178,12 @@ def load_model(spec: str = DEFAULT_MODEL, *, dtype: str | torch.dtype | None = N
     adapter = Path(folder) / "adapter_config.json"
     try:
         if adapter.is_file() and not (Path(folder) / "config.json").is_file():
-            from peft import AutoPeftModelForCausalLM
+            from peft import AutoPeftModelForCausalLM, PeftConfig
 
+            base = PeftConfig.from_pretrained(folder).base_model_name_or_path
+            if not base or (not Path(base).exists() and (base.startswith(("/", ".", "~")) or base.count("/") > 1)):
+                raise SortedError(f"LoRA adapter '{spec}' needs its base model '{base}', which is not found; restore "
+                                  f"it or set base_model_name_or_path in {adapter}")
             model = AutoPeftModelForCausalLM.from_pretrained(folder, **kwargs)
         else:
             model = AutoModelForCausalLM.from_pretrained(folder, **kwargs)

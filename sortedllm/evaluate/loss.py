@@ -49,6 +49,29 @@ def exit_losses(sm, rows, exits, max_length: int = 512, batch_size: int = 8, pro
                 "tokens": count} for k in exits}
 
 
-def run(sm, exits, data: str, limit: int | None, max_length: int = 512, batch_size: int = 8) -> dict:
-    rows = load_examples(data, limit=limit)
-    return exit_losses(sm, rows, exits, max_length=max_length, batch_size=batch_size)
+HEADLINE = ("loss", False)
+
+
+def default_data(sm) -> str:
+    """The held-out split of what the checkpoint was trained on (GSM8K's test split for an untuned model)."""
+    from ..data import default_eval_data
+
+    return default_eval_data(sm.config.data or "gsm8k") or "gsm8k:test"
+
+
+def prepare(ctx, name: str) -> list[dict] | None:
+    """Rows of the user's --data_file now (fail before loading models); None = each model's default split."""
+    spec = ctx.data.get(name)
+    return load_examples(spec, limit=ctx.limit) if spec else None
+
+
+def run(ctx, name: str, rows: list[dict] | None) -> dict:
+    if rows is None:  # one data set for every model compared: the first model's held-out split
+        spec = default_data(next(iter(ctx.models.values())))
+        rows = load_examples(spec, limit=ctx.limit)
+        ctx.details[name] = {"data": spec}
+    else:
+        ctx.details[name] = {"data": ctx.data[name]}
+    return {model: exit_losses(ctx.models[model], rows, exits, max_length=ctx.max_length,
+                               batch_size=ctx.batch_size, progress=ctx.progress)
+            for model, exits in ctx.exits.items()}

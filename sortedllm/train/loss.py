@@ -1,7 +1,8 @@
 """The SoFT loss: a weighted mean over exits of each exit's next-token cross-entropy.
 
-Exit k's logits are `head(norm(h_k))` with the model's shared norm and head (or per-exit heads for ICT). The head
-is applied only at positions whose next-token label is not masked, so prompt and padding positions cost nothing.
+Exit k's logits are `head(norm(h_k))` with the model's shared norm and head (or per-exit heads for ICT). The norm
+and head are applied only at positions whose next-token label is not masked, so prompt and padding positions cost
+nothing, and the head and cross-entropy run in tiles (chunked.py), so no exit's full logits are ever held.
 """
 
 from __future__ import annotations
@@ -9,7 +10,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
+
+from .chunked import linear_cross_entropy
 
 IGNORE_INDEX = -100
 
@@ -29,21 +31,22 @@ def label_positions(labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def exit_cross_entropy(hidden: torch.Tensor, targets: torch.Tensor, norm, head, softcap=None,
-                       normed: bool = False) -> torch.Tensor:
-    """Summed cross-entropy of one exit over the selected positions (`hidden` is `[n, hidden]`)."""
+                       normed: bool = False, impl: str = "auto", chunk_size: int | None = None) -> torch.Tensor:
+    """Summed cross-entropy of one exit over the selected positions (`hidden` is `[n, hidden]`), in tiles."""
     h = hidden if normed else norm(hidden)
-    logits = head(h).float()
-    if softcap:
-        logits = torch.tanh(logits / softcap) * softcap
-    return F.cross_entropy(logits, targets, reduction="sum")
+    one = torch.ones(1, device=h.device)
+    return linear_cross_entropy(h.unsqueeze(0), head.weight, targets, one, bias=head.bias, softcap=softcap,
+                                impl=impl, chunk_size=chunk_size)[0]
 
 
 def multi_exit_loss(hidden_states, labels: torch.Tensor, weights: dict[int, float], arch, exit_heads=None,
-                    num_items_in_batch=None) -> ExitLoss:
+                    num_items_in_batch=None, impl: str = "auto", chunk_size: int | None = None) -> ExitLoss:
     """SoFT loss from a HF `output_hidden_states=True` forward.
 
-    `weights` maps exit layer -> loss weight (uniform SoFT: 1/n each; SFT: {L: 1}). Normalised by the label token
-    count of the whole (accumulated) batch when `num_items_in_batch` is given, as transformers' own loss does.
+    `weights` maps exit layer -> loss weight (uniform SoFT: 1/n each; SFT: {L: 1}); exits of weight 0 are skipped.
+    Normalised by the label token count of the whole (accumulated) batch when `num_items_in_batch` is given, as
+    transformers' own loss does. The exits that share a head go through one `linear_cross_entropy` call (`impl`,
+    `chunk_size`: see chunked.py), which never holds an exit's full `[tokens x vocab]` logits.
     """
     from ..exits import hidden_from_outputs
 
@@ -52,13 +55,26 @@ def multi_exit_loss(hidden_states, labels: torch.Tensor, weights: dict[int, floa
     denom = num_items_in_batch if num_items_in_batch is not None else max(n_tokens, 1)
     if torch.is_tensor(denom):
         denom = denom.to(labels.device)
-    total, per_exit = None, {}
+    groups: dict[int, tuple] = {}  # id(head) -> (norm-less head, [exits], [normed hidden at labelled positions])
     for k, w in weights.items():
+        if w == 0:
+            continue
         h, normed = hidden_from_outputs(hidden_states, k, arch.num_layers)
-        norm, head = (exit_heads[k] if exit_heads and k in exit_heads else (arch.norm, arch.head))
-        if normed and exit_heads and k in exit_heads:  # an ICT head replaces the final norm too
+        own = exit_heads is not None and k in exit_heads
+        if normed and own:  # an ICT head replaces the final norm too
             raise ValueError("per-exit heads at the last layer are not supported")
-        ce = exit_cross_entropy(h[:, :-1][mask], targets, norm, head, arch.softcap, normed)
-        per_exit[k] = ce.detach() / max(n_tokens, 1)
-        total = ce * (w / denom) if total is None else total + ce * (w / denom)
-    return ExitLoss(total, per_exit, n_tokens)
+        norm, head = exit_heads[k] if own else (arch.norm, arch.head)
+        x = h[:, :-1][mask]
+        groups.setdefault(id(head), (head, [], []))
+        groups[id(head)][1].append(k)
+        groups[id(head)][2].append(x if normed else norm(x))
+    total, per_exit = None, {}
+    for head, exits, xs in groups.values():
+        exit_weights = torch.tensor([float(weights[k]) for k in exits], device=labels.device) / denom
+        loss, sums = linear_cross_entropy(torch.stack(xs), head.weight, targets, exit_weights, bias=head.bias,
+                                          softcap=arch.softcap, impl=impl, chunk_size=chunk_size)
+        total = loss if total is None else total + loss
+        per_exit.update({k: sums[i] / max(n_tokens, 1) for i, k in enumerate(exits)})
+    if total is None:
+        raise ValueError("multi_exit_loss needs at least one exit with a non-zero weight")
+    return ExitLoss(total, {k: per_exit[k] for k in weights if k in per_exit}, n_tokens)

@@ -18,7 +18,7 @@ from ..models import Architecture
 from .loss import multi_exit_loss
 from .schedules import make_schedule
 
-MODES = ("soft", "sft")
+MODES = ("soft", "sft", "ict")
 
 
 @dataclass
@@ -28,11 +28,20 @@ class SoFTConfig(SFTConfig):
     exits: str | None = field(default=None, metadata={
         "help": "Exit layers: a list like 9,18,30, 'every:3' or 'count:8' (default count:8 from 30% depth)."})
     mode: str = field(default="soft", metadata={
-        "help": "soft (mean loss over all exits) or sft (last exit only: the paper's SFT baseline)."})
+        "help": "soft (mean loss over all exits), sft (last exit only: the paper's SFT baseline) or ict (per-exit "
+                "heads on the frozen --base model: the paper's SFT+ICT baseline, or ICT after SoFT)."})
+    ict_train: str = field(default="head", metadata={
+        "help": "--mode ict: what each intermediate exit gets its own trained copy of: head (norm + LM head, the "
+                "paper) or norm (norm only; the LM head stays shared)."})
     exit_schedule: str = field(default="uniform", metadata={
         "help": "Which exits contribute each step: uniform (all, the paper), weights, sample:n or rotate."})
     exit_weights: str | None = field(default=None, metadata={
         "help": "Per-exit loss weights for exit_schedule=weights, comma-separated in exit order."})
+    loss_impl: str = field(default="auto", metadata={
+        "help": "Linear + cross-entropy path: auto (cut-cross-entropy on a CUDA GPU, else chunked), chunked, cce, "
+                "trl or dense (full logits of the labelled positions; reference)."})
+    loss_chunk_size: int | None = field(default=None, metadata={
+        "help": "Label positions per head tile of the chunked loss (default: ~32M logits per tile over all exits)."})
     lr_scheduler_type: str = field(default="cosine", metadata={"help": "Learning-rate schedule (paper: cosine)."})
     bf16: bool | None = field(default=None, metadata={
         "help": "bf16 mixed precision; default: on when a bf16-capable GPU is present, off on CPU."})
@@ -44,7 +53,15 @@ class SoFTConfig(SFTConfig):
             from ..errors import SortedError
 
             raise SortedError(f"unknown mode '{self.mode}': use one of {', '.join(MODES)}")
+        from .chunked import resolve_impl  # a clear error now for an unknown or unavailable loss_impl
+
+        resolve_impl(self.loss_impl, torch.device("cuda" if torch.cuda.is_available() else "cpu"))
         super().__post_init__()
+
+
+def trained_exits(mode: str, exits: list[int]) -> list[int]:
+    """The exits whose loss is trained: SFT the last only, ICT the intermediate ones (their heads), SoFT all."""
+    return exits[-1:] if mode == "sft" else exits[:-1] if mode == "ict" else exits
 
 
 class SoFTTrainer(SFTTrainer):
@@ -63,8 +80,8 @@ class SoFTTrainer(SFTTrainer):
         self.sorted_config = sorted_config or SortedConfig(exits=exits, num_hidden_layers=self.arch.num_layers)
         self.sorted_config.exits, self.sorted_config.mode = exits, args.mode
         self.sorted_config.exit_schedule = args.exit_schedule
-        trained = exits[-1:] if args.mode == "sft" else exits
-        self.schedule = make_schedule(args.exit_schedule, trained, args.exit_weights, seed=args.seed)
+        self.schedule = make_schedule(args.exit_schedule, trained_exits(args.mode, exits), args.exit_weights,
+                                      seed=args.seed)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         mode = "train" if self.model.training else "eval"
@@ -72,7 +89,8 @@ class SoFTTrainer(SFTTrainer):
                         output_hidden_states=True, logits_to_keep=1, use_cache=False)
         weights = self.schedule.weights(self.state.global_step) if mode == "train" else self.schedule.eval_weights()
         result = multi_exit_loss(outputs.hidden_states, inputs["labels"], weights, self.arch,
-                                 exit_heads=getattr(self, "exit_heads", None), num_items_in_batch=num_items_in_batch)
+                                 exit_heads=getattr(self, "exit_heads", None), num_items_in_batch=num_items_in_batch,
+                                 impl=self.args.loss_impl, chunk_size=self.args.loss_chunk_size)
         loss = result.loss
         # As transformers' Trainer: the token count spans all ranks and DDP averages gradients across them.
         if self.args.average_tokens_across_devices and num_items_in_batch is not None:
@@ -85,3 +103,9 @@ class SoFTTrainer(SFTTrainer):
         super().save_model(output_dir, _internal_call)
         if self.args.should_save:
             self.sorted_config.save(output_dir or self.args.output_dir)
+
+    def _save_checkpoint(self, model, trial):
+        """checkpoint-N written atomically with a verified manifest (see train/resume.py)."""
+        from .resume import save_checkpoint
+
+        save_checkpoint(self, super()._save_checkpoint, model, trial)

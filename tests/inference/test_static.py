@@ -30,3 +30,28 @@ def test_default_model_full_depth_matches_hf_generate(default_model):
     for p, g in zip(PROMPTS, ours):
         ref = hf_greedy(sm.model, sm.tokenizer, p, 20)
         assert g.token_ids == ref[:len(g.token_ids)] and len(g.token_ids) == len(ref)
+
+
+def test_rows_leave_the_batch_at_their_stop_token(tokenizer):
+    """A row that stops early is dropped from the batch (cache rows included); the others continue unchanged."""
+    from tests.inference.conftest import draftable
+
+    sm = draftable("qwen2", tokenizer)  # varied output (random tiny LLaMA repeats one token)
+    first = generate(sm, PROMPTS, exit_layer=4, max_new_tokens=10, batch_size=1)
+    stop = first[1].token_ids[3]
+    sm.model.generation_config.eos_token_id = [sm.tokenizer.eos_token_id, stop]
+    single = generate(sm, PROMPTS, exit_layer=4, max_new_tokens=10, batch_size=1)
+    batched = generate(sm, PROMPTS, exit_layer=4, max_new_tokens=10, batch_size=3)
+    assert [g.token_ids for g in batched] == [g.token_ids for g in single]
+    assert len(single[1].token_ids) == 4 and single[1].token_ids[-1] == stop
+    assert single[1].text == sm.tokenizer.decode(single[1].token_ids[:-1], skip_special_tokens=True)
+
+
+def test_sampling_is_seeded(tiny_sorted):
+    sm = tiny_sorted
+    kw = dict(exit_layer=4, max_new_tokens=8, temperature=1.0, top_k=50)
+    a = generate(sm, PROMPTS, seed=1, **kw)
+    b = generate(sm, PROMPTS, seed=1, **kw)
+    c = generate(sm, PROMPTS, seed=2, **kw)
+    assert [g.token_ids for g in a] == [g.token_ids for g in b]
+    assert [g.token_ids for g in a] != [g.token_ids for g in c]
