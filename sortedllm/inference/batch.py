@@ -26,17 +26,57 @@ def stop_ids(tokenizer, model=None) -> set[int]:
     return ids
 
 
+def context_length(sm) -> int | None:
+    """The longest sequence (prompt + reply) the model has positions for, or None when its config does not say."""
+    n = getattr(sm.arch.config, "max_position_embeddings", None)
+    return int(n) if n else None
+
+
+def _describe(prompt) -> str:
+    text = prompt if isinstance(prompt, str) else ""
+    text = " ".join(text.split())
+    return f" ('{text[:40]}...')" if len(text) > 40 else (f" ('{text}')" if text else "")
+
+
 def encode_prompts(sm, prompts) -> list[list[int]]:
-    """Prompts as token ids: strings/messages go through the chat template, lists of ints pass through."""
+    """Prompts as token ids: strings/messages go through the chat template, lists of ints pass through.
+
+    An empty prompt is still a prompt: "" gets the chat template (an empty user turn), and if that leaves no token
+    at all (no template, or an empty list of ids) generation starts from the BOS token, as HF `generate` does with
+    no input. A prompt longer than the model's context is an error naming it; one that fits leaves its reply the
+    room that is left (see `generate`)."""
+    if isinstance(prompts, (str, bytes)):
+        raise SortedError("prompts must be a list (of strings, chat messages or token ids), got one string; "
+                          "wrap it in a list")
+    tok = sm.tokenizer
+    vocab = sm.arch.base.embed_tokens.num_embeddings
+    limit = context_length(sm)
     out = []
-    limit = getattr(sm.arch.config, "max_position_embeddings", None)
     for i, p in enumerate(prompts):
-        ids = list(p) if isinstance(p, (list, tuple)) and p and all(isinstance(t, int) for t in p) else \
-            encode_prompt(sm.tokenizer, p)
+        if isinstance(p, (list, tuple)) and all(isinstance(t, int) and not isinstance(t, bool) for t in p):
+            ids = list(p)  # token ids (an empty list included)
+            bad = next((t for t in ids if not 0 <= t < vocab), None)
+            if bad is not None:
+                raise SortedError(f"prompt {i} has token id {bad}, outside the model's vocabulary 0..{vocab - 1}")
+        elif isinstance(p, str) or (isinstance(p, (list, tuple)) and all(
+                isinstance(m, dict) and "role" in m and isinstance(m.get("content"), str) for m in p)):
+            if tok is None:
+                raise SortedError(f"prompt {i} is text but this model has no tokenizer; pass token ids")
+            ids = encode_prompt(tok, list(p) if isinstance(p, tuple) else p)
+        else:
+            raise SortedError(f"prompt {i} is a {type(p).__name__}: give text, chat messages ({{role, content}} "
+                              "dicts) or a list of token ids")
         if not ids:
-            raise SortedError(f"prompt {i} is empty")
-        if limit and len(ids) >= limit:
-            raise SortedError(f"prompt {i} has {len(ids)} tokens, at or over the model's context of {limit}")
+            bos = getattr(tok, "bos_token_id", None) if tok is not None else None
+            if bos is None:
+                bos = getattr(sm.arch.config, "bos_token_id", None)
+            if bos is None:
+                raise SortedError(f"prompt {i} is empty and the model has no BOS token to start from; give at least "
+                                  "one token")
+            ids = [int(bos)]
+        if limit and len(ids) > limit:
+            raise SortedError(f"prompt {i}{_describe(p)} has {len(ids)} tokens, more than the model's context of "
+                              f"{limit}; shorten it")
         out.append(ids)
     return out
 
@@ -76,19 +116,29 @@ def crop(cache, n: int, start: int = 0, end: int | None = None) -> None:
 
 
 class Batch:
-    """Live rows of one left-padded batch: `mask` [B, T] over every fed column, `cache`, outputs, finished rows."""
+    """Live rows of one left-padded batch: `mask` [B, T] over every fed column, `cache`, outputs, finished rows.
+    `limits` caps each row's reply (default `max_new_tokens` for all; `generate` lowers it where the context is
+    nearly full)."""
 
-    def __init__(self, sm, prompt_ids: list[list[int]], max_new_tokens: int, stop: set[int], rollback=False):
+    def __init__(self, sm, prompt_ids: list[list[int]], max_new_tokens: int, stop: set[int], rollback=False,
+                 limits: list[int] | None = None):
         self.device = next(sm.model.parameters()).device
         tok = sm.tokenizer
         self.pad = tok.pad_token_id if tok is not None and tok.pad_token_id is not None else 0
+        self.prompts = prompt_ids
         self.ids, self.mask = left_pad(prompt_ids, self.pad, self.device)
         self.rows = list(range(len(prompt_ids)))  # original index of each live row
         self.out: list[list[int]] = [[] for _ in prompt_ids]
         self.limit = max_new_tokens
+        self.limits = list(limits) if limits is not None else [max_new_tokens] * len(prompt_ids)
         self.stop = stop
+        self.rollback = rollback
         self.cache = new_cache(sm, rollback)
         self.next_pos = self.mask.sum(-1)  # position id of the next fed token, per live row
+
+    def room(self) -> int:
+        """Tokens every live row may still emit (live rows have emitted equally many)."""
+        return min(self.limits[r] for r in self.rows) - len(self.out[self.rows[0]])
 
     @property
     def size(self) -> int:
@@ -121,10 +171,10 @@ class Batch:
             finished = False
             for t in new:
                 out.append(t)
-                if t in self.stop or len(out) >= self.limit:
+                if t in self.stop or len(out) >= self.limits[r]:
                     finished = True
                     break
-            done.append(finished or len(out) >= self.limit)
+            done.append(finished or len(out) >= self.limits[r])
         return torch.tensor(done, dtype=torch.bool, device=self.device)
 
     def drop(self, finished: torch.Tensor, *tensors):
@@ -138,3 +188,56 @@ class Batch:
             self.next_pos = self.next_pos[keep]
             self.cache.batch_select_indices(keep)
         return tuple(t[keep] if t is not None else None for t in tensors)
+
+
+@torch.inference_mode()
+def prefill(sm, batch: Batch, end: int, keep=()) -> dict[int, torch.Tensor]:
+    """Run the prompts through layers 0..end-1, filling `batch.cache` for those layers. Returns the last prompt
+    position's hidden state [B, 1, H] after layer `end` and after each layer in `keep` (0 = the embedding).
+
+    Prompts of equal length run together, others one length at a time, never as one left-padded batch: padding
+    every prompt to the longest multiplied the prefill work (16 PandaLM prompts: 1,152 real tokens became 2,928),
+    and on a CPU prefill costs by the token (one prompt at a time is as fast per token as a batch). Each group's
+    cache is then left-padded into the batch cache, which ends up holding what a padded prefill would have written
+    for the real tokens (pad columns are zeros, masked out by `batch.mask`), so decoding continues unchanged. A
+    prompt is computed exactly as when it is generated alone. Written here because HF's `generate` has no
+    unpadded batched prefill for a DynamicCache."""
+    arch = sm.arch
+    width = batch.ids.shape[1]
+    stops = sorted({k for k in keep if 0 < k < end} | {end})
+    groups: dict[int, list[int]] = {}
+    for i, p in enumerate(batch.prompts):
+        groups.setdefault(len(p), []).append(i)
+    out: dict[int, torch.Tensor] = {}
+    parts = []
+    for n, rows in groups.items():
+        idx = torch.tensor(rows, device=batch.device)
+        ids = batch.ids[idx, width - n:]
+        cache = new_cache(sm, batch.rollback) if len(groups) > 1 else batch.cache
+        h = arch.embed(ids)
+        states = {0: h[:, -1:]}
+        at = 0
+        for k in stops:
+            h = arch.run_layers(h, at, k, attention_mask=torch.ones_like(ids), cache=cache,
+                                position_ids=torch.arange(n, device=batch.device).expand(len(rows), n))
+            states[k] = h[:, -1:]
+            at = k
+        for k in set(keep) | {end}:
+            if k not in out:
+                out[k] = states[k].new_zeros(len(batch.prompts), *states[k].shape[1:])
+            out[k][idx] = states[k]
+        parts.append((idx, n, cache))
+    if len(parts) > 1:
+        for i in range(end):  # left-pad each group's entries to the batch width, then store them as one update
+            keys = values = None
+            for idx, n, cache in parts:
+                layer = cache.layers[i]
+                if keys is None:
+                    shape = (len(batch.prompts), *layer.keys.shape[1:2], width, layer.keys.shape[-1])
+                    keys = layer.keys.new_zeros(shape)
+                    values = layer.values.new_zeros(*shape[:3], layer.values.shape[-1])
+                m = layer.keys.shape[-2]  # n, or fewer on a sliding-window layer
+                keys[idx, :, width - m:] = layer.keys
+                values[idx, :, width - m:] = layer.values
+            batch.cache.layers[i].update(keys, values)
+    return out

@@ -33,7 +33,7 @@ from pathlib import Path
 import torch
 
 from ..errors import SortedError
-from .batch import Batch, positions
+from .batch import Batch, positions, prefill
 from .sampling import Sampling
 
 MEASURES = ("max_prob", "margin", "entropy", "saturation")
@@ -147,7 +147,10 @@ def decode_early_exit(sm, batch: Batch, ee: EarlyExit, sampling: Sampling, stats
         screens = {k: restricted_head(sm, k, ee.screen) for k, _ in plan if k < L}
     exit_layers = {r: [] for r in batch.rows}
     pending: list[list] = []  # [depth, hidden [B, n, H]], oldest first; depths never increase
-    h = arch.embed(batch.ids)  # the prompt, then one new token per step
+    # The prompt runs through every layer up front (unpadded, see `prefill`): the first token's exit is decided on
+    # those states, exactly as if the prompt had climbed lazily, and nothing of the prompt is left pending.
+    first = prefill(sm, batch, L, keep=[0] + [k for k, _ in plan])
+    h = first[0]  # then one new token per step
     depth_sum = full_heads = screened = 0
     steps = 0
     while True:
@@ -164,11 +167,14 @@ def decode_early_exit(sm, batch: Batch, ee: EarlyExit, sampling: Sampling, stats
         previous = h[:, -1]
         at = 0
         for k, tau in plan:
-            while pending and pending[-1][0] < k:  # pending tokens join when the climb reaches their depth
-                d, group = pending.pop()
-                h = torch.cat([group, run(h, at, d)], 1)
-                at = d
-            h = run(h, at, k)
+            if first is not None:
+                h = first[k]
+            else:
+                while pending and pending[-1][0] < k:  # pending tokens join when the climb reaches their depth
+                    d, group = pending.pop()
+                    h = torch.cat([group, run(h, at, d)], 1)
+                    at = d
+                h = run(h, at, k)
             at = k
             rows = undecided.nonzero().squeeze(1)
             last = h[rows, -1]
@@ -204,7 +210,9 @@ def decode_early_exit(sm, batch: Batch, ee: EarlyExit, sampling: Sampling, stats
                 break
         depth_sum += at
         steps += 1
-        if at < L:  # the current tokens (and any that joined them) stay pending at depth `at`
+        if first is not None:
+            first = None
+        elif at < L:  # the current tokens (and any that joined them) stay pending at depth `at`
             if pending and pending[-1][0] == at:
                 pending[-1][1] = torch.cat([pending[-1][1], h], 1)
             else:

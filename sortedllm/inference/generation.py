@@ -21,10 +21,14 @@ from .sampling import Sampling
 
 @dataclass
 class Generation:
+    """One reply. `finish_reason`: "stop" (a stop token, kept as the last id), "length" (`max_new_tokens`) or
+    "context" (the prompt and reply filled the model's context)."""
+
     text: str
     token_ids: list[int]
     prompt_tokens: int
     stats: dict = field(default_factory=dict)
+    finish_reason: str = "length"
 
 
 def _strategy(sm, exit_layer, speculative, early_exit):
@@ -55,36 +59,49 @@ def generate(sm, prompts, *, exit_layer: int | None = None, speculative=None, ea
              top_k: int = 0, seed: int | None = None, progress: bool = False,
              desc: str = "generate") -> list[Generation]:
     """Generate a reply for each prompt (a string, chat messages or token ids). Prompts are batched by length;
-    each `Generation.stats` holds the strategy's counters for its batch and the batch's wall time."""
-    from .batch import Batch, encode_prompts, stop_ids
+    each `Generation.stats` holds the strategy's counters for its batch and the batch's wall time.
+
+    Edge cases: an empty prompt still gets the chat template (or starts from BOS); `max_new_tokens=0` returns empty
+    replies without running the model; a prompt longer than the model's context (`max_position_embeddings`) is a
+    `SortedError` naming it, and a prompt that fits gets at most the room left (prompt + reply <= context; a
+    prompt that fills the context exactly gets an empty reply), with `finish_reason` "context"."""
+    from .batch import Batch, context_length, encode_prompts, stop_ids
 
     if max_new_tokens < 0:
-        raise SortedError("max_new_tokens must be >= 0")
+        raise SortedError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
     if batch_size < 1:
-        raise SortedError("batch_size must be >= 1")
+        raise SortedError(f"batch_size must be >= 1, got {batch_size}")
     kind, how = _strategy(sm, exit_layer, speculative, early_exit)
     sampling = Sampling(temperature, top_p, top_k, seed)
     encoded = encode_prompts(sm, prompts)
     stop = stop_ids(sm.tokenizer, sm.model)
-    order = sorted(range(len(encoded)), key=lambda i: -len(encoded[i]))
+    context = context_length(sm)
+    room = [min(max_new_tokens, context - len(ids)) if context else max_new_tokens for ids in encoded]
     results: list[Generation | None] = [None] * len(encoded)
+    for i, r in enumerate(room):  # nothing to generate: no model call
+        if r == 0:
+            results[i] = Generation("", [], len(encoded[i]), {"strategy": kind, "batch": None, "batch_size": 0},
+                                    "length" if max_new_tokens == 0 else "context")
+    order = sorted((i for i in range(len(encoded)) if room[i]), key=lambda i: -len(encoded[i]))
     bar = tqdm(total=len(encoded), desc=desc, disable=not progress)
+    bar.update(len(encoded) - len(order))
     sampling.start(next(sm.model.parameters()).device)
     for n, start in enumerate(range(0, len(order), batch_size)):
         idx = order[start:start + batch_size]
-        batch = Batch(sm, [encoded[i] for i in idx], max_new_tokens, stop, rollback=kind == "speculative")
+        batch = Batch(sm, [encoded[i] for i in idx], max_new_tokens, stop, rollback=kind == "speculative",
+                      limits=[room[i] for i in idx])
         stats = {"strategy": kind, "batch": n, "batch_size": len(idx)}
         t0 = time.perf_counter()
-        if max_new_tokens:
-            run(sm, batch, kind, how, sampling, stats)
+        run(sm, batch, kind, how, sampling, stats)
         stats["batch_seconds"] = time.perf_counter() - t0
         stats["batch_new_tokens"] = sum(len(o) for o in batch.out)
         per_row = stats.pop("per_row", {})
         for j, (i, toks) in enumerate(zip(idx, batch.out)):
             text_toks = [t for t in toks if t not in stop]
             row_stats = {**stats, **{key: v[j] for key, v in per_row.items()}}
-            results[i] = Generation(sm.tokenizer.decode(text_toks, skip_special_tokens=True), toks,
-                                    len(encoded[i]), row_stats)
+            reason = "stop" if toks and toks[-1] in stop else "length" if len(toks) >= max_new_tokens else "context"
+            text = sm.tokenizer.decode(text_toks, skip_special_tokens=True) if sm.tokenizer is not None else ""
+            results[i] = Generation(text, toks, len(encoded[i]), row_stats, reason)
         bar.update(len(idx))
     bar.close()
     return results

@@ -33,7 +33,7 @@ from dataclasses import dataclass
 import torch
 
 from ..errors import SortedError
-from .batch import Batch
+from .batch import Batch, prefill
 from .sampling import Sampling
 
 
@@ -77,14 +77,13 @@ def decode_speculative(sm, batch: Batch, spec: Speculative, sampling: Sampling, 
     device = batch.device
 
     # Prefill: the prompt through every layer; the first new token is the full model's.
-    h = arch.run_layers(arch.embed(batch.ids), 0, L, attention_mask=batch.mask,
-                        position_ids=batch.prompt_positions(), cache=batch.cache)[:, -1]
+    h = prefill(sm, batch, L)[L][:, -1]
     cur = sampling.pick(sm.exit_logits(h, L))
     (cur,) = batch.drop(batch.emit(cur.unsqueeze(1)), cur)
     gamma, rest, wait = spec.draft_tokens, 0, 4
     drafted = accepted = rounds = emitted_total = plain_rounds = 0
     while batch.size:
-        room = batch.limit - len(batch.out[batch.rows[0]])  # live rows have equal lengths
+        room = batch.room()
         budget = 0 if rest else min(gamma, room - 1)  # a round emits up to g + 1 tokens
         rest = max(rest - 1, 0)
         hs, drafts, qs = [], [], []

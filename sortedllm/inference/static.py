@@ -1,5 +1,5 @@
 """Static depth: decode with the first k layers only (norm + shared head at k), KV cache for those k layers only,
-batched with left padding.
+batched with left padding (each prompt's prefill unpadded: `batch.prefill`).
 
 HF `generate` always runs every layer, so the decode loop is written here on top of `Architecture.run_layers`;
 its greedy output equals the exported k-layer model's greedy `generate` (tested).
@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from .batch import Batch, encode_prompts, left_pad, new_cache, positions, stop_ids  # noqa: F401 (re-exported)
+from .batch import Batch, encode_prompts, left_pad, new_cache, positions, prefill, stop_ids  # noqa: F401 (re-exported)
 from .generation import Generation  # noqa: F401 (re-exported)
 from .sampling import Sampling
 
@@ -18,8 +18,7 @@ from .sampling import Sampling
 def decode_static(sm, batch: Batch, k: int, sampling: Sampling, stats: dict) -> None:
     """Decode every row of `batch` to the end at exit k."""
     arch = sm.arch
-    h = arch.run_layers(arch.embed(batch.ids), 0, k, attention_mask=batch.mask,
-                        position_ids=batch.prompt_positions(), cache=batch.cache)[:, -1]
+    h = prefill(sm, batch, k)[k][:, -1]
     steps = 0
     while True:
         nxt = sampling.pick(sm.exit_logits(h, k))

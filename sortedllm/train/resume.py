@@ -27,7 +27,7 @@ CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
 # What fixes a run's data order, randomness and loss: a checkpoint from a run that differs in any of these is
 # foreign (resuming it would not reproduce either run). max_steps / epochs may change (extending a run).
 RUN_FIELDS = ("seed", "data_seed", "per_device_train_batch_size", "gradient_accumulation_steps", "world_size",
-              "max_length", "exit_weights")
+              "max_length", "exit_weights", "distill_alpha", "distill_temperature")
 MODEL_FIELDS = ("model_type", "num_hidden_layers", "hidden_size", "intermediate_size", "num_attention_heads",
                 "vocab_size")
 LATEST = {"true", "latest", "yes", "1"}

@@ -40,6 +40,10 @@ class SoFTConfig(SFTConfig):
     loss_impl: str = field(default="auto", metadata={
         "help": "Linear + cross-entropy path: auto (cut-cross-entropy on a CUDA GPU, else chunked), chunked, cce, "
                 "trl or dense (full logits of the labelled positions; reference)."})
+    distill_alpha: float = field(default=0.0, metadata={
+        "help": "Self-distillation: each intermediate exit's loss is (1 - a) * CE + a * T^2 * KL(last || exit) with "
+                "the last layer detached as teacher (0 = the paper's SoFT). Makes exits better drafts."})
+    distill_temperature: float = field(default=1.0, metadata={"help": "Temperature T of the distillation KL."})
     loss_chunk_size: int | None = field(default=None, metadata={
         "help": "Label positions per head tile of the chunked loss (default: ~32M logits per tile over all exits)."})
     lr_scheduler_type: str = field(default="cosine", metadata={"help": "Learning-rate schedule (paper: cosine)."})
@@ -53,9 +57,19 @@ class SoFTConfig(SFTConfig):
             from ..errors import SortedError
 
             raise SortedError(f"unknown mode '{self.mode}': use one of {', '.join(MODES)}")
+        from ..errors import SortedError
         from .chunked import resolve_impl  # a clear error now for an unknown or unavailable loss_impl
 
-        resolve_impl(self.loss_impl, torch.device("cuda" if torch.cuda.is_available() else "cpu"))
+        if not 0 <= self.distill_alpha <= 1:
+            raise SortedError(f"distill_alpha must be between 0 and 1 (got {self.distill_alpha})")
+        if not self.distill_temperature > 0:
+            raise SortedError(f"distill_temperature must be > 0 (got {self.distill_temperature})")
+        if self.distill_alpha > 0 and self.mode != "soft":
+            why = "trains the last exit only: nothing to distill" if self.mode == "sft" else \
+                "trains per-exit heads, which are not distilled"
+            raise SortedError(f"distill_alpha needs mode soft (mode {self.mode} {why}); set --distill_alpha 0")
+        resolve_impl(self.loss_impl, torch.device("cuda" if torch.cuda.is_available() else "cpu"),
+                     distill=self.distill_alpha > 0)
         super().__post_init__()
 
 
@@ -67,9 +81,10 @@ def trained_exits(mode: str, exits: list[int]) -> list[int]:
 class SoFTTrainer(SFTTrainer):
     """SFTTrainer whose loss is the mean over exits of each exit's next-token cross-entropy.
 
-    Each exit's loss is logged as `loss_exit_<k>` (and `eval_loss_exit_<k>`). The model goes through its own
-    forward (so DDP/FSDP/peft wrappers work) with `output_hidden_states=True`; the shared norm and head are
-    applied only at labelled positions.
+    Each exit's loss is logged as `loss_exit_<k>` (and `eval_loss_exit_<k>`), its cross-entropy on the labels;
+    with `distill_alpha` > 0 also `kl_exit_<k>`, the mean KL(last || exit) at the distillation temperature. The
+    model goes through its own forward (so DDP/FSDP/peft wrappers work) with `output_hidden_states=True`; the shared
+    norm and head are applied only at labelled positions.
     """
 
     def __init__(self, model=None, args: SoFTConfig | None = None, *pos, sorted_config: SortedConfig | None = None,
@@ -80,6 +95,9 @@ class SoFTTrainer(SFTTrainer):
         self.sorted_config = sorted_config or SortedConfig(exits=exits, num_hidden_layers=self.arch.num_layers)
         self.sorted_config.exits, self.sorted_config.mode = exits, args.mode
         self.sorted_config.exit_schedule = args.exit_schedule
+        if args.distill_alpha > 0:
+            self.sorted_config.extra["distill"] = {"alpha": args.distill_alpha,
+                                                   "temperature": args.distill_temperature}
         self.schedule = make_schedule(args.exit_schedule, trained_exits(args.mode, exits), args.exit_weights,
                                       seed=args.seed)
 
@@ -90,13 +108,17 @@ class SoFTTrainer(SFTTrainer):
         weights = self.schedule.weights(self.state.global_step) if mode == "train" else self.schedule.eval_weights()
         result = multi_exit_loss(outputs.hidden_states, inputs["labels"], weights, self.arch,
                                  exit_heads=getattr(self, "exit_heads", None), num_items_in_batch=num_items_in_batch,
-                                 impl=self.args.loss_impl, chunk_size=self.args.loss_chunk_size)
+                                 impl=self.args.loss_impl, chunk_size=self.args.loss_chunk_size,
+                                 distill_alpha=self.args.distill_alpha,
+                                 distill_temperature=self.args.distill_temperature)
         loss = result.loss
         # As transformers' Trainer: the token count spans all ranks and DDP averages gradients across them.
         if self.args.average_tokens_across_devices and num_items_in_batch is not None:
             loss = loss * self.accelerator.num_processes
         for k, v in result.per_exit.items():
             self._metrics[mode][f"loss_exit_{k}"].append(self.accelerator.gather_for_metrics(v).mean().item())
+        for k, v in result.kl.items():
+            self._metrics[mode][f"kl_exit_{k}"].append(self.accelerator.gather_for_metrics(v).mean().item())
         return (loss, outputs) if return_outputs else loss
 
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False):

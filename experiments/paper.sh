@@ -1,0 +1,78 @@
+#!/usr/bin/env bash
+# Reproduce the Sorted LLaMA paper's findings in miniature on the default model (issue 9).
+#
+#   bash experiments/paper.sh train gsm8k      # SoFT, SFT (and SFT+ICT) on GSM8K; resumable (--resume auto)
+#   bash experiments/paper.sh eval gsm8k       # per-exit evaluations -> experiments/results/gsm8k-*/results.json
+#   bash experiments/paper.sh all gsm8k        # both
+#   bash experiments/paper.sh report           # docs/results.md + docs/*.png from the JSON files
+# Tasks: gsm8k, alpaca, triviaqa. Checkpoints go to runs/paper/ (not committed); every number in docs/results.md
+# comes from a results.json written by this script (or by benchmarks/, see the report).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+. .venv/bin/activate
+export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}   # one thread per job: two jobs share the 2 cores without thrashing
+RUNS=${RUNS:-runs/paper}
+OUT=experiments/results
+LIMIT=${LIMIT:-100}          # prompts per generation task
+
+train() {  # train <task> <mode> : SoFT / SFT on the task's paper config, resumable
+    local task=$1 mode=$2 dir="$RUNS/$1-$2"
+    [ -f "$dir/final/sorted_config.json" ] && { echo "have $dir/final"; return; }
+    sortedllm train --config "experiments/configs/paper-$task.yaml" --mode "$mode" --output_dir "$dir" \
+        --resume auto
+}
+
+train_ict() {  # SFT+ICT: heads per exit on the frozen SFT model
+    local task=$1 dir="$RUNS/$1-sft-ict"
+    [ -f "$dir/final/sorted_config.json" ] && { echo "have $dir/final"; return; }
+    sortedllm train --config experiments/configs/paper-ict.yaml --data "$task" --base "$RUNS/$task-sft/final" \
+        --max_length 256 --output_dir "$dir" --resume auto
+}
+
+evaluate() {  # evaluate <name> <args...> : skipped when its results.json exists
+    local name=$1; shift
+    [ -f "$OUT/$name/results.json" ] && { echo "have $OUT/$name"; return; }
+    sortedllm evaluate "$@" --output_dir "$OUT/$name"
+}
+
+train_task() {
+    local task=$1
+    train "$task" soft & local soft=$!   # SoFT and SFT side by side, one core each
+    train "$task" sft
+    wait "$soft"
+    if [ "$task" = gsm8k ]; then train_ict gsm8k; fi
+}
+
+eval_task() {
+    local task=$1 soft="$RUNS/$1-soft/final" sft="$RUNS/$1-sft/final"
+    case $task in
+    gsm8k)
+        evaluate gsm8k-accuracy --model "$soft" --compare "$sft,$RUNS/gsm8k-sft-ict/final" --names soft,sft,sft-ict \
+            --tasks loss,gsm8k --limit "$LIMIT" --max_new_tokens 200
+        evaluate gsm8k-triviaqa --model "$soft" --compare "$sft" --names soft,sft --tasks triviaqa --limit "$LIMIT"
+        ;;
+    alpaca)
+        evaluate alpaca-loss --model "$soft" --compare "$sft" --names soft,sft --tasks loss --limit 200
+        ;;
+    triviaqa)
+        evaluate triviaqa-accuracy --model "$soft" --compare "$sft" --names soft,sft --tasks loss,triviaqa \
+            --limit "$LIMIT"
+        ;;
+    esac
+    # The paper's tournaments (PandaLM prompts, offline judge): SoFT exit k vs SFT exit k (both orders), and every
+    # SoFT exit vs SoFT's own last layer.
+    evaluate "$task-tournament" --model "$soft" --compare "$sft" --names soft,sft --tasks tournament \
+        --pairs cross --limit 50
+    evaluate "$task-vs-last" --model "$soft" --names soft --tasks tournament --pairs last --limit 50
+    # The paper's analysis: KL and cosine of every exit to the last layer over generated positions 0..19.
+    evaluate "$task-similarity" --model "$soft" --compare "$sft,smollm2-135m" --names soft,sft,untuned \
+        --tasks similarity
+}
+
+case ${1:-} in
+train) train_task "${2:?task}" ;;
+eval) eval_task "${2:?task}" ;;
+all) train_task "${2:?task}"; eval_task "$2" ;;
+report) python experiments/make_results.py ;;
+*) echo "usage: $0 train|eval|all <gsm8k|alpaca|triviaqa> | report" >&2; exit 2 ;;
+esac
