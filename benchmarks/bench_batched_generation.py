@@ -9,7 +9,8 @@ time, with the KV-cache decoder `sortedllm.inference.generate` (greedy, static d
 does for its 170 prompts) and one at a time. The default, one batch of 16, is the worst case for padding.
 Both modes generate for the same prompts; they alternate within each round (the order flips every round) so
 machine load hits both alike, and each round's ratio compares the two runs of that round. Throughput counts only real
-new tokens, and the time includes the prompts' prefill (the batched prefill pads every prompt to the longest).
+new tokens, and the time includes the prompts' prefill (unpadded since issue 8: prompts of equal length run
+together, the others one length at a time, then decoding shares one left-padded batch).
 `decode` numbers subtract a prefill-only run (1 new token) of the same mode and round, to show where time goes.
 Target: >= 4x end to end.
 """

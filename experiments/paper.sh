@@ -1,12 +1,16 @@
 #!/usr/bin/env bash
 # Reproduce the Sorted LLaMA paper's findings in miniature on the default model (issue 9).
 #
-#   bash experiments/paper.sh train gsm8k      # SoFT, SFT (and SFT+ICT) on GSM8K; resumable (--resume auto)
+#   bash experiments/paper.sh train quick      # the quickstart budget: SoFT, SFT, SFT+ICT, SoFT+ICT, SoFT+LoRA,
+#                                              # SoFT+distill, 40 steps each on the same 160 GSM8K rows
+#   bash experiments/paper.sh eval quick       # -> experiments/results/quick-*/ and draft-quality-40/results.json
+#   bash experiments/paper.sh train gsm8k      # longer budget (250 steps): SoFT, SFT, SFT+ICT; resumable
 #   bash experiments/paper.sh eval gsm8k       # per-exit evaluations -> experiments/results/gsm8k-*/results.json
 #   bash experiments/paper.sh all gsm8k        # both
-#   bash experiments/paper.sh report           # docs/results.md + docs/*.png from the JSON files
-# Tasks: gsm8k, alpaca, triviaqa. Checkpoints go to runs/paper/ (not committed); every number in docs/results.md
-# comes from a results.json written by this script (or by benchmarks/, see the report).
+#   bash experiments/paper.sh report           # docs/results.md + docs/results/*.png from the JSON files
+# Stages: quick, gsm8k, alpaca, triviaqa. Every step is skipped when its output exists. Checkpoints go to runs/
+# (quick) and runs/paper/ (longer budgets), not committed; every number in docs/results.md comes from a
+# results.json written by this script (or by benchmarks/, see the report).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 . .venv/bin/activate
@@ -69,10 +73,50 @@ eval_task() {
         --tasks similarity
 }
 
+# The quickstart budget (what docs/results.md reports first): every method the same 160 GSM8K rows, 40 optimizer
+# steps of batch 4 (configs/quickstart.yaml; ICT trains heads for the same 40 steps on a frozen base).
+quick_train() {  # quick_train <dir> <args...> : one quick-budget training, skipped when <dir>/final exists
+    local dir=$1; shift
+    [ -f "$dir/final/sorted_config.json" ] && { echo "have $dir/final"; return; }
+    sortedllm train "$@"
+}
+
+train_quick() {
+    quick_train runs/quickstart --config configs/quickstart.yaml &
+    local soft=$!
+    quick_train runs/sft --config configs/quickstart.yaml --mode sft --output_dir runs/sft
+    wait "$soft"
+    quick_train runs/ict --config configs/ict.yaml --base runs/sft/final &
+    local ict=$!
+    quick_train runs/soft-ict --config configs/ict.yaml --base runs/quickstart/final --output_dir runs/soft-ict
+    wait "$ict"
+    quick_train runs/lora --config configs/lora.yaml &
+    local lora=$!
+    quick_train runs/distill40 --config configs/quickstart.yaml --distill_alpha 0.8 --output_dir runs/distill40
+    wait "$lora"
+}
+
+eval_quick() {
+    local soft=runs/quickstart/final sft=runs/sft/final ict=runs/ict/final
+    evaluate quick-loss --model "$soft" --compare "$sft,$ict,runs/soft-ict/final,runs/lora/final" \
+        --names soft,sft,sft-ict,soft-ict,soft-lora --tasks loss --limit 200
+    evaluate quick-gsm8k --model "$soft" --compare "$sft,$ict" --names soft,sft,sft-ict --tasks gsm8k --limit 40 \
+        --max_new_tokens 160
+    evaluate quick-triviaqa --model "$soft" --compare "$sft,$ict" --names soft,sft,sft-ict --tasks triviaqa --limit 60
+    evaluate quick-tournament --model "$soft" --compare "$sft" --names soft,sft --tasks tournament --pairs cross \
+        --limit 30
+    evaluate quick-vs-last --model "$soft" --names soft --tasks tournament --pairs last --limit 30
+    evaluate quick-similarity --model "$soft" --compare "$sft,smollm2-135m" --names soft,sft,untuned \
+        --tasks similarity
+    # Draft quality at equal steps (issue 10): SoFT + self-distillation vs SoFT.
+    evaluate draft-quality-40 --model runs/distill40/final --compare "$soft" --names soft-distill,soft \
+        --tasks loss,agreement --limit 30
+}
+
 case ${1:-} in
-train) train_task "${2:?task}" ;;
-eval) eval_task "${2:?task}" ;;
-all) train_task "${2:?task}"; eval_task "$2" ;;
+train) if [ "${2:?stage}" = quick ]; then train_quick; else train_task "$2"; fi ;;
+eval) if [ "${2:?stage}" = quick ]; then eval_quick; else eval_task "$2"; fi ;;
+all) if [ "${2:?stage}" = quick ]; then train_quick; eval_quick; else train_task "$2"; eval_task "$2"; fi ;;
 report) python experiments/make_results.py ;;
-*) echo "usage: $0 train|eval|all <gsm8k|alpaca|triviaqa> | report" >&2; exit 2 ;;
+*) echo "usage: $0 train|eval|all <quick|gsm8k|alpaca|triviaqa> | report" >&2; exit 2 ;;
 esac

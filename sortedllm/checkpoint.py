@@ -196,11 +196,12 @@ def io_problem(e: BaseException) -> str | None:
 
 
 @contextlib.contextmanager
-def atomic_dir(target: str | Path, manifest: bool = True, meta: dict | None = None):
+def atomic_dir(target: str | Path, manifest: bool = True, meta: dict | None = None, flag: str = "--output_dir"):
     """Yield a temporary folder; on success it gets a manifest and replaces `target` atomically, on failure it is
-    removed. `meta` is stored in the manifest (e.g. what run wrote a training checkpoint)."""
+    removed. `meta` is stored in the manifest (e.g. what run wrote a training checkpoint); `flag` is the option
+    named in error messages."""
     target = Path(target)
-    parent = _writable_parent(target)
+    parent = _writable_parent(target, flag)
     tmp = Path(tempfile.mkdtemp(dir=parent, prefix=f".{target.name}{TMP_MARK}"))
     os.chmod(tmp, 0o777 & ~UMASK)  # mkdtemp makes it private; the result should look like any other folder
     try:
@@ -224,7 +225,7 @@ def atomic_dir(target: str | Path, manifest: bool = True, meta: dict | None = No
         problem = io_problem(e) if isinstance(e, Exception) else None
         if problem:
             raise SortedError(f"could not write {target}: {problem}; nothing was written (free space or choose "
-                              f"another --output_dir)") from e
+                              f"another {flag})") from e
         raise
 
 

@@ -70,7 +70,7 @@ def export(sm, k: int, out_dir: str | Path, gguf: str | None = None) -> Path:
     from .checkpoint import atomic_dir
 
     check_gguf_export(sm, gguf)
-    with atomic_dir(out_dir) as tmp:
+    with atomic_dir(out_dir, flag="--out") as tmp:
         _write(sm, k, tmp, gguf)
     return Path(out_dir)
 
@@ -80,7 +80,7 @@ def export_many(sm, exits: list[int], out_dir: str | Path, gguf: str | None = No
     from .checkpoint import atomic_dir
 
     check_gguf_export(sm, gguf)
-    with atomic_dir(out_dir) as tmp:
+    with atomic_dir(out_dir, flag="--out") as tmp:
         for k in exits:
             _write(sm, k, tmp / f"exit-{k}", gguf)
     return [Path(out_dir) / f"exit-{k}" for k in exits]
@@ -240,7 +240,10 @@ def write_gguf(model, tokenizer_dir: Path, path: Path, out_type: str = "f16") ->
 
 
 def _check_out(out: Path, model_spec: str, overwrite: bool) -> None:
-    """Never replace a folder the user did not mean to (the source model above all)."""
+    """Never replace a folder the user did not mean to (the source model above all); fail before loading it."""
+    from .checkpoint import writable_folder
+
+    writable_folder(out, "--out")
     src = Path(model_spec).expanduser()
     if src.exists():
         a, b = out.resolve(), src.resolve()

@@ -45,6 +45,8 @@ class Row:
 
 TRAIN = "train --config {yaml} --output_dir {out}"
 EVALUATE = "evaluate --model {sorted} --limit 2"
+GENERATE = "generate --model {sorted} --prompt hi --max_new_tokens 2"
+EXPORT = "export --model {sorted} --out {out}"
 
 TABLE = [
     # -- train ----------------------------------------------------------------------------------------------------
@@ -105,11 +107,107 @@ TABLE = [
     Row("evaluate-output-unwritable", EVALUATE + " --output_dir {a_file}/eval", "is a file"),
     Row("evaluate-disk-full-during-save", EVALUATE + " --output_dir {out}",
         "No space left on device; nothing was written", env={CRASH_ENV: "enospc:0"}, quiet=False),
+    Row("evaluate-judge-unknown", EVALUATE + " --tasks tournament --judge bogus",
+        "unknown judge 'bogus': use offline, hf:<model folder or hub id> or openai:<model name>"),
+    Row("evaluate-judge-missing-model", EVALUATE + " --tasks tournament --judge hf:{tmp}/no-judge",
+        "model path not found: "),
+    Row("evaluate-data-file-task-not-chosen", EVALUATE + " --data_file gsm8k={bad_jsonl}",
+        "--data_file names task 'gsm8k', which is not in --tasks (loss)"),
+    Row("evaluate-data-file-which-task", EVALUATE + " --tasks gsm8k,triviaqa --data_file {bad_jsonl}",
+        "say which task it is for, e.g. --data_file gsm8k="),
+    Row("evaluate-data-file-task-malformed", EVALUATE + " --tasks gsm8k --data_file gsm8k={bad_jsonl}",
+        "bad.jsonl:2: malformed JSON"),
+    Row("evaluate-pairs-unknown", EVALUATE + " --tasks tournament --pairs bogus",
+        "unknown --pairs 'bogus': choose from cross, diagonal, last"),
+    Row("evaluate-positions-zero", EVALUATE + " --tasks similarity --positions 0", "--positions must be at least 1"),
+    # -- generate -------------------------------------------------------------------------------------------------
+    Row("generate-model-missing-path", "generate --model {tmp}/no-such-model --prompt hi", "model path not found: "),
+    Row("generate-model-unknown-id", "generate --model no-such-org/no-such-model --prompt hi",
+        "unknown model 'no-such-org/no-such-model': not a local folder, .gguf file, built-in alias"),
+    Row("generate-model-unsupported-arch", "generate --model {gpt2} --prompt hi", "unsupported architecture 'gpt2'"),
+    Row("generate-model-damaged", "generate --model {damaged_sorted} --prompt hi",
+        "is incomplete or corrupted: model.safetensors is truncated or altered"),
+    Row("generate-exit-out-of-range", GENERATE + " --exit 9",
+        "exit layer 9 is out of range: this model has layers 1..6"),
+    Row("generate-exit-zero", GENERATE + " --exit 0", "exit layer 0 is out of range: this model has layers 1..6"),
+    Row("generate-exit-not-in-checkpoint", GENERATE + " --exit 3",
+        "exit 3 is not an exit of this checkpoint (its exits: 2,4,6)"),
+    Row("generate-draft-exit-out-of-range", GENERATE + " --speculative 6",
+        "speculative draft exit 6 is out of range: use a layer in 1..5 (the full model, layer 6, verifies)"),
+    Row("generate-draft-exit-not-in-checkpoint", GENERATE + " --speculative 3",
+        "exit 3 is not an exit of this checkpoint (its exits: 2,4,6)"),
+    Row("generate-early-exits-duplicated", GENERATE + " --early-exit --exits 2,2", "exit layer 2 is listed twice"),
+    Row("generate-early-exits-not-in-checkpoint", GENERATE + " --early-exit --exits 3",
+        "exit 3 is not an exit of this checkpoint (its exits: 2,4,6)"),
+    Row("generate-two-strategies", GENERATE + " --exit 2 --speculative 4",
+        "argument --speculative: not allowed with argument --exit"),
+    Row("generate-no-prompt", "generate --model {sorted}",
+        "no prompt given: pass --prompt TEXT or --prompts_file FILE"),
+    Row("generate-prompts-file-missing", "generate --model {sorted} --prompts_file {tmp}/nothing.txt",
+        "prompts file not found: "),
+    Row("generate-prompts-file-malformed", "generate --model {sorted} --prompts_file {bad_jsonl}",
+        "bad.jsonl:2: malformed JSON (Expecting ',' delimiter); fix or remove this line"),
+    Row("generate-prompts-file-missing-fields", "generate --model {sorted} --prompts_file {nofields_jsonl}",
+        "nofields.jsonl:1: row has no prompt/completion, messages, instruction/output or question/answer fields"),
+    Row("generate-prompts-file-bad-prompt", "generate --model {sorted} --prompts_file {numeric_prompt_jsonl}",
+        "numbers.jsonl:2: 'prompt' must be text or a non-empty list of {role, content} messages, got int"),
+    Row("generate-prompts-file-empty", "generate --model {sorted} --prompts_file {empty_jsonl}",
+        "empty.jsonl has no prompts"),
+    Row("generate-prompts-file-not-utf8", "generate --model {sorted} --prompts_file {latin1_txt}",
+        "latin1.txt is not UTF-8 text (invalid continuation byte at byte 8); save it as UTF-8"),
+    Row("generate-prompt-longer-than-context", "generate --model {sorted} --prompts_file {long_txt}",
+        "prompt 1 ('word word word word word word word word ...') has 1231 tokens, more than the model's context of "
+        "512; shorten it"),
+    Row("generate-max-new-tokens-negative", GENERATE + " --max_new_tokens -1",
+        "--max_new_tokens must be at least 0 (got -1)"),
+    Row("generate-thresholds-without-early-exit", GENERATE + " --thresholds 2:0.9",
+        "--thresholds needs --early-exit"),
+    Row("generate-thresholds-malformed", GENERATE + " --early-exit --thresholds 2=0.9",
+        "--thresholds '2=0.9' not understood: give exit:threshold pairs like 9:0.95,15:0.9"),
+    Row("generate-thresholds-file-missing", GENERATE + " --early-exit --thresholds {tmp}/none.json",
+        "thresholds file not found: "),
+    Row("generate-unknown-measure", GENERATE + " --early-exit --measure vibes",
+        "unknown confidence measure 'vibes': choose from max_prob, margin, entropy, saturation"),
+    Row("generate-save-thresholds-unwritable", GENERATE + " --early-exit --save_thresholds {a_file}/th.json",
+        "a-file.txt is a file; choose another --save_thresholds"),
+    Row("generate-unknown-option", GENERATE + " --bogus 1", "unrecognized arguments: --bogus 1"),
+    # -- export ---------------------------------------------------------------------------------------------------
+    Row("export-model-missing-path", "export --model {tmp}/no-such-model --layers 2 --out {out}",
+        "model path not found: "),
+    Row("export-model-unknown-id", "export --model no-such-org/no-such-model --layers 2 --out {out}",
+        "unknown model 'no-such-org/no-such-model': not a local folder, .gguf file, built-in alias"),
+    Row("export-model-unsupported-arch", "export --model {gpt2} --layers 1 --out {out}",
+        "unsupported architecture 'gpt2'"),
+    Row("export-model-damaged", "export --model {damaged_sorted} --layers 2 --out {out}",
+        "is incomplete or corrupted: model.safetensors is truncated or altered"),
+    Row("export-exit-out-of-range", EXPORT + " --layers 9",
+        "exit layer 9 is out of range: this model has layers 1..6"),
+    Row("export-exit-duplicated", EXPORT + " --layers 2,2", "exit layer 2 is listed twice"),
+    Row("export-exit-not-in-checkpoint", EXPORT + " --layers 3",
+        "exit 3 is not an exit of this checkpoint (its exits: 2,4,6)"),
+    Row("export-exits-not-understood", EXPORT + " --layers two", "exits 'two' not understood"),
+    Row("export-output-unwritable", "export --model {sorted} --layers 2 --out {a_file}/exported",
+        "a-file.txt is a file; choose another --out"),
+    Row("export-output-not-empty", "export --model {sorted} --layers 2 --out {nonempty}",
+        "exists and is not empty; choose a new folder or pass --overwrite"),
+    Row("export-output-is-the-model", "export --model {sorted} --layers 2 --out {sorted} --overwrite",
+        "would replace the model being exported"),
+    Row("export-unknown-gguf-type", EXPORT + " --layers 2 --gguf q4",
+        "unknown --gguf type 'q4': use one of f32, f16, bf16"),
+    Row("export-unknown-dtype", EXPORT + " --layers 2 --dtype float8", "unknown --dtype 'float8'"),
+    Row("export-disk-full-during-save", EXPORT + " --layers 2",
+        "No space left on device; nothing was written (free space or choose another --out)",
+        env={CRASH_ENV: "enospc:1"}),
+    Row("export-all-disk-full-during-save", EXPORT + " --layers all",
+        "No space left on device; nothing was written (free space or choose another --out)",
+        env={CRASH_ENV: "enospc:5"}),
 ]
 
 DEBUG_ROWS = [
     Row("debug-flag", "--debug " + TRAIN + " --exits 2,99", "exit layer 99 is out of range"),
     Row("debug-env", TRAIN + " --exits 2,99", "exit layer 99 is out of range", env={"SORTEDLLM_DEBUG": "1"}),
+    Row("debug-generate", "generate --debug --model {sorted} --prompt hi --exit 3", "exit 3 is not an exit"),
+    Row("debug-export", "--debug " + EXPORT + " --layers 9", "exit layer 9 is out of range"),
 ]
 
 BASE_YAML = """model: {tiny}
@@ -180,6 +278,15 @@ def world(tmp_path_factory, tiny_checkpoint, tokenizer):
     w["empty_jsonl"].write_text("\n")
     w["a_file"] = tmp / "a-file.txt"
     w["a_file"].write_text("not a folder\n")
+    w["numeric_prompt_jsonl"] = tmp / "numbers.jsonl"
+    w["numeric_prompt_jsonl"].write_text('{"prompt": "2+2?"}\n{"prompt": 5}\n')
+    w["latin1_txt"] = tmp / "latin1.txt"
+    w["latin1_txt"].write_bytes("2+2?\ncaf\u00e9 au lait\n".encode("latin-1"))
+    w["long_txt"] = tmp / "long.txt"
+    w["long_txt"].write_text("What is 2+2?\n" + "word " * 1200 + "\n")
+    w["nonempty"] = tmp / "nonempty"
+    w["nonempty"].mkdir()
+    (w["nonempty"] / "notes.txt").write_text("keep me\n")
 
     # A real training checkpoint (the run's seed 7), a truncated copy, and the run folder that holds it.
     w["run"] = tmp / "run"

@@ -22,7 +22,7 @@ from .base import EvalContext, headline, split_data_option
 
 # task name -> module in this package. `lm_eval:<task>` runs any lm-evaluation-harness task.
 TASKS = {"loss": "loss", "gsm8k": "gsm8k", "triviaqa": "triviaqa", "tournament": "tournament",
-         "similarity": "similarity"}
+         "similarity": "similarity", "agreement": "agreement"}
 PREFIXED = {"lm_eval": "lm_eval"}
 TASK_NAMES = (*TASKS, "lm_eval:<task>")
 

@@ -40,18 +40,24 @@ def per_exit(results: dict, task: str, path: Path) -> Path | None:
     return path
 
 
-def similarity(results: dict, path: Path, which: str) -> Path | None:
+def similarity(results: dict, path: Path, which: str, shared_scale: bool = False) -> Path | None:
+    """`shared_scale`: one colour range for every panel, so models can be compared by colour."""
     metric, title, cmap = next(h for h in HEATMAPS if h[0] == which)
     per_model = results["tasks"].get("similarity", {})
     if not per_model:
         return None
+    vmin, vmax = (0 if metric != "cosine" else None), (1 if metric != "kl" else None)
+    if shared_scale:
+        seen = [v for by_exit in per_model.values() for e in by_exit.values() for v in e[f"{metric}_by_position"]
+                if v is not None]
+        vmin = min(seen, default=0) if vmin is None else vmin
+        vmax = max(seen, default=1) if vmax is None else vmax
     fig = Figure(figsize=(4.2 * len(per_model) + 1, 3.8), constrained_layout=True)
     axes = fig.subplots(1, len(per_model), squeeze=False)[0]
     for ax, (name, by_exit) in zip(axes, per_model.items()):
         exits = sorted(by_exit, key=int)
         grid = [[v if v is not None else float("nan") for v in by_exit[k][f"{metric}_by_position"]] for k in exits]
-        im = ax.imshow(grid, aspect="auto", cmap=cmap, origin="lower",
-                       vmin=0 if metric != "cosine" else None, vmax=1 if metric != "kl" else None)
+        im = ax.imshow(grid, aspect="auto", cmap=cmap, origin="lower", vmin=vmin, vmax=vmax)
         ax.set_yticks(range(len(exits)), exits)
         n_pos = len(grid[0]) if grid else 0
         ax.set_xticks(range(0, n_pos, max(1, n_pos // 10)))
@@ -99,6 +105,32 @@ def tournament(results: dict, path: Path) -> Path | None:
     return path
 
 
+def speedup(results: dict, path: Path) -> Path | None:
+    """Agreement task: predicted self-speculative speedup vs draft length, one line per draft exit, one panel per
+    model."""
+    per_model = {n: {k: v for k, v in by_exit.items() if v.get("speedup_by_draft_length")}
+                 for n, by_exit in results["tasks"].get("agreement", {}).items()}
+    per_model = {n: by_exit for n, by_exit in per_model.items() if by_exit}
+    if not per_model:
+        return None
+    fig = Figure(figsize=(4.6 * len(per_model) + 0.5, 3.8), constrained_layout=True)
+    axes = fig.subplots(1, len(per_model), squeeze=False, sharey=True)[0]
+    for ax, (name, by_exit) in zip(axes, per_model.items()):
+        for k in sorted(by_exit, key=int):
+            ys = by_exit[k]["speedup_by_draft_length"]
+            ax.plot(range(1, len(ys) + 1), [y if y is not None else float("nan") for y in ys], marker=".",
+                    label=f"exit {k}")
+        ax.axhline(1.0, color="grey", linestyle="--", linewidth=1)
+        ax.set_xlabel("draft length g")
+        ax.set_title(_label(results, name))
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    axes[0].set_ylabel("predicted speedup vs plain greedy")
+    fig.suptitle("self-speculation: (accepted(g) + 1) x t_full / round cost")
+    fig.savefig(path, dpi=110)
+    return path
+
+
 def _label(results: dict, name: str) -> str:
     info = results.get("models", {}).get(name, {})
     mode = info.get("mode")
@@ -115,6 +147,8 @@ def write_all(results: dict, folder: Path) -> dict[str, str]:
             made[task] = f"{safe}.png"
     if "tournament" in results["tasks"] and tournament(results, folder / "tournament_matrix.png"):
         made["tournament_matrix"] = "tournament_matrix.png"
+    if "agreement" in results["tasks"] and speedup(results, folder / "agreement_speedup.png"):
+        made["agreement_speedup"] = "agreement_speedup.png"
     if "similarity" in results["tasks"]:
         for which, *_ in HEATMAPS:
             if similarity(results, folder / f"similarity_{which}.png", which):

@@ -11,7 +11,8 @@ from .base import headline
 
 # Secondary metrics worth a column beside the headline.
 EXTRA_COLUMNS = {"loss": ["perplexity"], "gsm8k": ["answered"], "triviaqa": ["contains"],
-                 "tournament": ["wins", "losses", "ties"], "similarity": ["cosine", "top1_agreement"]}
+                 "tournament": ["wins", "losses", "ties"], "similarity": ["cosine", "top1_agreement"],
+                 "agreement": ["draft_agreement", "best_draft_length", "best_speedup"]}
 
 
 def _fmt(v) -> str:
@@ -60,6 +61,33 @@ def judge_section(detail: dict) -> list[str]:
     return lines
 
 
+def agreement_section(results: dict, detail: dict) -> list[str]:
+    """How to read the agreement task, then accepted drafts / predicted speedup per draft length and exit."""
+    lines = [f"Over {detail['n_prompts']} prompts of `{detail['data']}`, each model's own greedy answers (up to "
+             f"{detail['max_new_tokens']} new tokens), teacher-forced: `top1_agreement` = exit k's top token is the "
+             f"last layer's; `draft_agreement` the same with the draft head self-speculation uses (the "
+             f"{detail['draft_vocab'] or 'full'} most frequent tokens); accepted(g) = mean accepted drafts per cycle "
+             f"of g drafts, from the actual runs of agreeing positions; speedup(g) = (accepted(g) + 1) x t_full / "
+             f"(g x t_draft + t_feed + t_verify(g)), step costs measured in this run ({detail['clock']}, "
+             f"{detail['torch_threads']} torch threads).", ""]
+    for name, by_exit in results["tasks"]["agreement"].items():
+        t = detail["timing"][name]
+        g_max = len(detail["draft_lengths"])
+        lines += [f"{name}: plain step t_full = {t['t_full_ms']:.2f} ms at {t['context_tokens']} tokens of context; "
+                  f"teacher-forced last layer = generated token at {_fmt(t['teacher_forced_matches_generation'])} "
+                  f"of positions. Cells: accepted(g) / predicted speedup.", "",
+                  "| exit | t_draft ms | " + " | ".join(f"g={g}" for g in detail["draft_lengths"]) + " |",
+                  "|" + "---|" * (g_max + 2)]
+        for k in sorted(by_exit, key=int):
+            m = by_exit[k]
+            sp = m.get("speedup_by_draft_length") or [None] * g_max
+            cells = [f"{_fmt(a)} / {_fmt(s)}" if s is not None else _fmt(a)
+                     for a, s in zip(m["accepted_by_draft_length"], sp)]
+            lines.append(f"| {k} | {_fmt(m.get('t_draft_ms'))} | " + " | ".join(cells) + " |")
+        lines.append("")
+    return lines
+
+
 def build(results: dict, plots: dict[str, str]) -> str:
     out = ["# sortedllm evaluation report", "", f"sortedllm {results['sortedllm_version']}.", "",
            "| model | path | mode | exits |", "|---|---|---|---|"]
@@ -77,6 +105,8 @@ def build(results: dict, plots: dict[str, str]) -> str:
             out += [f"Over {detail['n_prompts']} prompts, the first {detail['positions']} tokens the last layer "
                     f"generates; `kl` = KL(last || exit) in nats, `cosine` between the normed hidden states the "
                     f"heads read, `top1_agreement` = same most likely token.", ""]
+        if task == "agreement" and detail:
+            out += agreement_section(results, detail) + [""]
         if task == "loss" and detail.get("data"):
             out += [f"Held-out data: `{detail['data']}` (completion tokens only).", ""]
         out += task_table(results, task)

@@ -18,17 +18,44 @@ from ..errors import SortedError
 def read_prompts(path: str) -> list:
     """Prompts from a file: JSONL rows (`prompt` text or messages, or any row shape the data loader knows) or
     plain text with one prompt per line."""
-    from ..data import from_row, read_jsonl
+    from ..data import read_jsonl
 
     p = Path(path)
     if not p.is_file():
         raise SortedError(f"prompts file not found: {path}")
-    if p.suffix == ".jsonl":
-        return [r["prompt"] if "prompt" in r else from_row(r)["prompt"] for r in read_jsonl(p)]
-    prompts = [line.rstrip("\n") for line in p.read_text(encoding="utf-8").splitlines() if line.strip()]
+    try:
+        if p.suffix == ".jsonl":
+            prompts = [_row_prompt(r) for r in read_jsonl(p)]
+        else:
+            prompts = [line for line in p.read_text(encoding="utf-8").splitlines() if line.strip()]
+    except UnicodeDecodeError as e:
+        raise SortedError(f"prompts file {path} is not UTF-8 text ({e.reason} at byte {e.start}); save it as "
+                          "UTF-8") from None
     if not prompts:
         raise SortedError(f"prompts file {path} has no prompts")
     return prompts
+
+
+def _row_prompt(row: dict):
+    """The prompt of one JSONL row: `prompt` (text or messages), `messages` (a conversation to continue: a final
+    assistant turn is dropped, the reply is what we generate), or any row shape the data loader knows."""
+    from ..data import from_row
+
+    where = row.get("_where", "row")
+    msgs = row.get("messages")
+    if "prompt" in row:
+        prompt = row["prompt"]
+    elif isinstance(msgs, list) and msgs and isinstance(msgs[-1], dict) and msgs[-1].get("role") != "assistant":
+        prompt = msgs  # from_row wants a final assistant turn to train on; here the reply is ours to generate
+    else:
+        prompt = from_row(row)["prompt"]
+    text = isinstance(prompt, str)
+    chat = isinstance(prompt, list) and prompt and all(isinstance(m, dict) and "role" in m and
+                                                      isinstance(m.get("content"), str) for m in prompt)
+    if not (text or chat):
+        raise SortedError(f"{where}: 'prompt' must be text or a non-empty list of {{role, content}} messages, got "
+                          f"{type(prompt).__name__}")
+    return prompt
 
 
 def parse_thresholds(text: str) -> dict[int, float]:
@@ -97,6 +124,13 @@ def main(argv: list[str]) -> int:
                                  ("--save_thresholds", a.save_thresholds)) if v]
     if early_only and not a.early_exit:
         raise SortedError(f"{early_only[0]} needs --early-exit")
+    for flag, value, least in (("--max_new_tokens", a.max_new_tokens, 0), ("--batch_size", a.batch_size, 1)):
+        if value < least:  # checked before the model loads
+            raise SortedError(f"{flag} must be at least {least} (got {value})")
+    if a.save_thresholds:
+        from ..checkpoint import writable_folder
+
+        writable_folder(Path(a.save_thresholds).expanduser().absolute().parent, "--save_thresholds")
     if a.threads:
         import torch
 

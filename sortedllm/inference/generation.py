@@ -35,22 +35,28 @@ def _strategy(sm, exit_layer, speculative, early_exit):
     from .early_exit import EarlyExit
     from .speculative import Speculative
 
+    # `is not None`, not truthiness: exit 0 or draft exit 0 is an out-of-range layer, not "use the full model".
+    speculative = None if speculative is False else speculative
+    early_exit = None if early_exit is False else early_exit
     chosen = [name for name, v in (("exit_layer", exit_layer), ("speculative", speculative),
-                                   ("early_exit", early_exit)) if v not in (None, False)]
+                                   ("early_exit", early_exit)) if v is not None]
     if len(chosen) > 1:
         raise SortedError(f"choose one decoding strategy, got {' and '.join(chosen)} (static exit, speculative "
                           "or early exit)")
-    if speculative not in (None, False):
+    if speculative is not None:
         spec = speculative if isinstance(speculative, Speculative) else Speculative(draft_exit=int(speculative))
         spec.check(sm)
         return "speculative", spec
-    if early_exit not in (None, False):
+    if early_exit is not None:
         ee = early_exit if isinstance(early_exit, EarlyExit) else EarlyExit()
         ee.check(sm)
         return "early_exit", ee
-    k = exit_layer or sm.num_layers
+    if exit_layer is None:
+        return "static", sm.num_layers
+    k = int(exit_layer)
     if not 1 <= k <= sm.num_layers:
         raise SortedError(f"exit layer {k} is out of range: this model has layers 1..{sm.num_layers}")
+    sm.check_exits([k])  # a trained checkpoint decodes at its own exits only (ICT: no head elsewhere)
     return "static", k
 
 

@@ -1,0 +1,67 @@
+#!/usr/bin/env bash
+# Draft quality (issue 10): SoFT + self-distillation so that shallow exits predict what the last layer predicts,
+# measured by the `agreement` evaluation task (docs/draft-quality.md).
+#
+#   bash experiments/draft_quality.sh train      # configs/draft-quality.yaml -> runs/draft-quality/final (resumable)
+#   bash experiments/draft_quality.sh eval       # loss + agreement vs SoFT -> experiments/results/draft-quality
+#   bash experiments/draft_quality.sh equal40    # SoFT vs SoFT+distill at 40 steps each -> .../draft-quality-40
+#   bash experiments/draft_quality.sh baseline   # optional: SoFT without distillation, same config and steps as train
+#   bash experiments/draft_quality.sh all        # train, eval, equal40
+#
+# Every stage skips work that is done: a training run whose final/ exists, an evaluation whose results.json exists
+# (delete it to measure again). An interrupted training run continues from its last checkpoint (--resume auto,
+# a checkpoint every 25 steps), so `train` can be rerun session after session. Checkpoints live under runs/ (not
+# committed); the numbers quoted in docs/draft-quality.md come from the results.json files written here.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+. .venv/bin/activate
+export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}   # one thread per job: on the shared 2-core machine it is faster
+OUT=experiments/results
+LIMIT=${LIMIT:-30}                             # GSM8K test prompts for the agreement task and held-out rows for loss
+DRAFT=runs/draft-quality
+# SoFT without distillation to compare with: the same-steps baseline when it has been trained, else the 40-step one.
+SOFT=${SOFT:-$([ -f runs/draft-quality-soft/final/sorted_config.json ] && echo runs/draft-quality-soft/final \
+    || echo runs/quickstart/final)}
+
+have() { [ -f "$1/sorted_config.json" ]; }
+
+train() {  # train <output_dir> <args...> : skipped when <output_dir>/final exists, else started or resumed
+    local dir=$1; shift
+    have "$dir/final" && { echo "have $dir/final"; return; }
+    sortedllm train "$@" --output_dir "$dir" --resume auto
+}
+
+evaluate() {  # evaluate <name> <args...> : skipped when its results.json exists
+    local name=$1; shift
+    [ -f "$OUT/$name/results.json" ] && { echo "have $OUT/$name (delete it to measure again)"; return; }
+    sortedllm evaluate "$@" --output_dir "$OUT/$name"
+}
+
+stage_train() { train "$DRAFT" --config configs/draft-quality.yaml; }
+
+stage_baseline() { train runs/draft-quality-soft --config configs/draft-quality.yaml --distill_alpha 0; }
+
+stage_eval() {
+    have "$DRAFT/final" || { echo "no $DRAFT/final yet: run '$0 train' first" >&2; exit 1; }
+    [ "$SOFT" = runs/quickstart/final ] && train runs/quickstart --config configs/quickstart.yaml
+    have "$SOFT" || { echo "no SoFT checkpoint at $SOFT (set SOFT=...)" >&2; exit 1; }
+    echo "comparing with SoFT checkpoint $SOFT"
+    evaluate draft-quality --model "$DRAFT/final" --compare "$SOFT" --names soft-distill,soft \
+        --tasks loss,agreement --limit "$LIMIT"
+}
+
+stage_equal40() {  # the same 40 steps (configs/quickstart.yaml) with and without distillation
+    train runs/quickstart --config configs/quickstart.yaml
+    train runs/distill40 --config configs/quickstart.yaml --distill_alpha 0.8
+    evaluate draft-quality-40 --model runs/distill40/final --compare runs/quickstart/final --names soft-distill,soft \
+        --tasks loss,agreement --limit "$LIMIT"
+}
+
+case ${1:-} in
+train) stage_train ;;
+baseline) stage_baseline ;;
+eval) stage_eval ;;
+equal40) stage_equal40 ;;
+all) stage_train; stage_eval; stage_equal40 ;;
+*) echo "usage: $0 train|eval|equal40|baseline|all" >&2; exit 2 ;;
+esac

@@ -1,0 +1,672 @@
+"""docs/results.md + docs/results/*.png: the paper reproduction, built only from the JSON files that
+experiments/paper.sh (`sortedllm evaluate`) and benchmarks/ wrote, so every number can be rerun.
+
+    python experiments/make_results.py [--results experiments/results] [--benchmarks benchmarks/results]
+                                       [--configs .] [--out docs]
+
+A missing JSON file turns its section into one line naming the command that produces it. The verdicts are computed
+from the numbers by the rules printed beside them (no claim is written by hand), and the output is deterministic:
+the same JSON files give the same Markdown.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+from pathlib import Path
+
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from sortedllm.checkpoint import atomic_dir, atomic_write_text  # noqa: E402
+from sortedllm.evaluate import plots  # noqa: E402
+
+# Display names of the model names experiments/paper.sh passes to `--names`.
+LABELS = {"soft": "SoFT", "sft": "SFT", "sft-ict": "SFT+ICT", "soft-ict": "SoFT+ICT", "soft-lora": "SoFT+LoRA",
+          "soft-distill": "SoFT+distill", "untuned": "untuned"}
+
+# Budgets: which results folder holds each experiment, and the trainings behind the models (config, extra args).
+QUICK_TRAIN = {
+    "soft": ("configs/quickstart.yaml", []),
+    "sft": ("configs/quickstart.yaml", ["--mode", "sft", "--output_dir", "runs/sft"]),
+    "sft-ict": ("configs/ict.yaml", ["--base", "runs/sft/final"]),
+    "soft-ict": ("configs/ict.yaml", ["--base", "runs/quickstart/final", "--output_dir", "runs/soft-ict"]),
+    "soft-lora": ("configs/lora.yaml", []),
+    "soft-distill": ("configs/quickstart.yaml", ["--distill_alpha", "0.8", "--output_dir", "runs/distill40"]),
+}
+GSM8K_TRAIN = {
+    "soft": ("experiments/configs/paper-gsm8k.yaml", ["--mode", "soft", "--output_dir", "runs/paper/gsm8k-soft"]),
+    "sft": ("experiments/configs/paper-gsm8k.yaml", ["--mode", "sft", "--output_dir", "runs/paper/gsm8k-sft"]),
+    "sft-ict": ("experiments/configs/paper-ict.yaml", ["--data", "gsm8k", "--base", "runs/paper/gsm8k-sft/final",
+                                                       "--max_length", "256", "--output_dir",
+                                                       "runs/paper/gsm8k-sft-ict"]),
+}
+BUDGETS = [
+    {"key": "quick", "title": "Quickstart budget (40 steps)", "stage": "quick", "train": QUICK_TRAIN,
+     "dirs": {"loss": "quick-loss", "gsm8k": "quick-gsm8k", "triviaqa": "quick-triviaqa",
+              "tournament": "quick-tournament", "vs_last": "quick-vs-last", "similarity": "quick-similarity"}},
+    {"key": "gsm8k", "title": "Longer budget (GSM8K, 250 steps)", "stage": "gsm8k", "train": GSM8K_TRAIN,
+     "dirs": {"loss": "gsm8k-accuracy", "gsm8k": "gsm8k-accuracy", "triviaqa": "gsm8k-triviaqa",
+              "tournament": "gsm8k-tournament", "vs_last": "gsm8k-vs-last", "similarity": "gsm8k-similarity"}},
+]
+DRAFT_QUALITY = "draft-quality-40"
+DRAFT_COLUMNS = {"loss": ["perplexity"], "agreement": ["best_speedup", "best_draft_length"]}  # beside the headline
+
+# The paper's published numbers (LLaMA-2 13B, 40 layers), from /work/shared/docs/method-notes.md.
+PAPER_LAYERS = 40
+PAPER_DIAGONAL = {12: (71, 99), 16: (101.5, 68.5), 20: (144.5, 23.5), 28: (148, 16.5), 40: (52.5, 62.5)}
+PAPER_PROMPTS = 170
+PAPER_DECODE = {  # method -> task -> (speedup or None, note)
+    "full": {"pandalm": (None, "94.07 ms/token"), "triviaqa": (None, "91.27 ms/token, EM 37.95"),
+             "gsm8k": (None, "93.60 ms/token, acc 33.05")},
+    "draft 12": {"pandalm": (1.16, "reject 0.37"), "triviaqa": (0.82, "reject 0.72, EM 34.36"),
+                 "gsm8k": (1.41, "reject 0.43, acc 32.22")},
+    "draft 16": {"pandalm": (1.11, ""), "triviaqa": (0.76, ""), "gsm8k": (1.38, "")},
+    "draft 20": {"pandalm": (1.11, ""), "triviaqa": (0.65, ""), "gsm8k": (1.36, "")},
+    "early exit": {"pandalm": (1.34, "score -0.050"), "triviaqa": (1.12, "EM 36.53"), "gsm8k": (1.82, "acc 30.62")},
+}
+PAPER_COST = {"time": 0.98, "memory": 1.25}
+DECODE_TASKS = [("pandalm", "PandaLM"), ("triviaqa", "TriviaQA"), ("gsm8k", "GSM8K")]
+TOLERANCE = 0.05  # a ratio within 5% of the paper's counts as reproduced
+
+
+# ---------------------------------------------------------------------------------------------------- reading
+
+def load_json(path: Path):
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        return None
+
+
+def label(name: str) -> str:
+    return LABELS.get(name, name)
+
+
+def evaluate_command(res: dict, folder: str) -> str:
+    """The `sortedllm evaluate` command that wrote `res`, rebuilt from its recorded models and settings."""
+    names = list(res["models"])
+    paths = [str(res["models"][n]["path"]) for n in names]
+    tasks = list(res["tasks"])
+    s = res.get("settings", {})
+    args = ["sortedllm evaluate", "--model", paths[0]]
+    if len(paths) > 1:
+        args += ["--compare", ",".join(paths[1:])]
+    args += ["--names", ",".join(names), "--tasks", ",".join(tasks)]
+    if s.get("data"):
+        args += ["--data_file", ",".join(f"{t}={p}" for t, p in sorted(s["data"].items()))]
+    if s.get("limit") is not None:
+        args += ["--limit", str(s["limit"])]
+    if s.get("max_new_tokens") is not None:
+        args += ["--max_new_tokens", str(s["max_new_tokens"])]
+    if s.get("batch_size", 16) != 16:
+        args += ["--batch_size", str(s["batch_size"])]
+    if "tournament" in tasks:
+        args += ["--pairs", s.get("pairs", "cross")]
+        if s.get("judge", "offline") != "offline":
+            args += ["--judge", s["judge"]]
+    if "similarity" in tasks and s.get("positions", 20) != 20:
+        args += ["--positions", str(s["positions"])]
+    return " ".join(args + ["--output_dir", folder])
+
+
+class Budget:
+    """One budget's evaluations: results.json per experiment (None where missing)."""
+
+    def __init__(self, spec: dict, results_dir: Path, shown_dir: str):
+        self.spec, self.key, self.title, self.train = spec, spec["key"], spec["title"], spec["train"]
+        self.folders = {exp: f"{shown_dir}/{d}" for exp, d in spec["dirs"].items()}
+        self.res = {exp: load_json(results_dir / d / "results.json") for exp, d in spec["dirs"].items()}
+
+    def any(self) -> bool:
+        return any(self.res.values())
+
+    def task(self, exp: str, task: str | None = None) -> dict | None:
+        """{model: {exit: metrics}} of `task` in experiment `exp`, or None."""
+        r = self.res.get(exp)
+        return r["tasks"].get(task or exp) if r else None
+
+    def missing(self, exp: str) -> str:
+        return (f"*Not measured yet: `{self.folders[exp]}/results.json` is missing. Run `bash experiments/paper.sh "
+                f"eval {self.spec['stage']}` (after `bash experiments/paper.sh train {self.spec['stage']}`).*")
+
+    def source(self, exp: str) -> str:
+        return f"Command: `{evaluate_command(self.res[exp], self.folders[exp])}`"
+
+
+# ---------------------------------------------------------------------------------------------------- formatting
+
+def fmt(v, kind: str = "num") -> str:
+    if v is None or (isinstance(v, float) and math.isnan(v)):
+        return "-"
+    if kind == "pct":
+        return f"{100 * v:.1f}%"
+    if kind == "x":
+        return f"{v:.2f}x"
+    if kind == "signed":
+        return f"{v:+.3f}"
+    return f"{v:.3f}" if isinstance(v, float) else str(v)
+
+
+def table(head: list[str], rows: list[list[str]]) -> list[str]:
+    return ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)] + ["| " + " | ".join(r) + " |" for r in rows]
+
+
+def exits_of(per_model: dict) -> list[int]:
+    return sorted({int(k) for m in per_model.values() for k in m})
+
+
+def value(per_model: dict | None, name: str, k: int, metric: str):
+    v = ((per_model or {}).get(name) or {}).get(str(k), {}).get(metric)
+    return v if isinstance(v, (int, float)) else None
+
+
+def per_exit_table(per_model: dict, metric: str, higher: bool, kind: str) -> list[str]:
+    """Exits as rows, models as columns; the best value of each row in bold."""
+    names = list(per_model)
+    rows = []
+    for k in exits_of(per_model):
+        vals = [value(per_model, n, k, metric) for n in names]
+        present = [v for v in vals if v is not None]
+        best = (max if higher else min)(present) if len(present) > 1 else None
+        rows.append([str(k)] + [f"**{fmt(v, kind)}**" if v is not None and v == best else fmt(v, kind)
+                                for v in vals])
+    return table(["exit"] + [label(n) for n in names], rows)
+
+
+def plot_per_exit(per_model: dict, task: str, metric: str, higher: bool, path: Path) -> Path | None:
+    """sortedllm's per-exit plot on a results dict holding just this table (display names as model names)."""
+    res = {"models": {}, "tasks": {task: {label(n): v for n, v in per_model.items()}},
+           "details": {task: {"headline": {"metric": metric, "higher_is_better": higher}}}}
+    return plots.per_exit(res, task, path)
+
+
+# ---------------------------------------------------------------------------------------------------- verdicts
+
+class Verdicts:
+    """Claims computed from the numbers: statement, answer, the numbers behind it, and how it stands to the paper."""
+
+    def __init__(self):
+        self.rows: list[list[str]] = []
+
+    def add(self, claim: str, answer: str, evidence: str, paper: str, standing: str):
+        self.rows.append([claim, answer, evidence, paper, standing])
+
+
+def count_better(per_model: dict, a: str, b: str, metric: str, higher: bool, exits: list[int]):
+    """(exits where a is strictly better than b, exits compared, ties)."""
+    better = ties = n = 0
+    for k in exits:
+        va, vb = value(per_model, a, k, metric), value(per_model, b, k, metric)
+        if va is None or vb is None:
+            continue
+        n += 1
+        better += (va > vb) if higher else (va < vb)
+        ties += va == vb
+    return better, n, ties
+
+
+def standing_from_count(better: int, n: int) -> str:
+    """Rule for a paper claim "A is better than B at the intermediate exits": all -> reproduces; more than half ->
+    partly; otherwise -> does not reproduce."""
+    if n == 0:
+        return "no data"
+    if better == n:
+        return "reproduces"
+    return "partly reproduces" if better > n / 2 else "does not reproduce"
+
+
+def standing_from_ratio(ours: float, paper: float, higher_is_better: bool) -> str:
+    """Rule for a paper ratio: within ±5% -> reproduces; better by more than 5% -> better than the paper;
+    worse by more than 5% -> does not reproduce."""
+    rel = ours / paper - 1 if higher_is_better else paper / ours - 1
+    if abs(rel) <= TOLERANCE:
+        return "reproduces"
+    return "better than the paper" if rel > 0 else "does not reproduce"
+
+
+def compare_claim(v: Verdicts, per_model: dict | None, a: str, b: str, metric: str, higher: bool, what: str,
+                  paper: str | None, kind: str = "num"):
+    """"a beats b at every intermediate exit on <what>" (the last exit excluded: it is the full model)."""
+    if not per_model or a not in per_model or b not in per_model:
+        return
+    exits = exits_of({a: per_model[a], b: per_model[b]})[:-1]
+    better, n, ties = count_better(per_model, a, b, metric, higher, exits)
+    vals = [(value(per_model, a, k, metric), value(per_model, b, k, metric)) for k in exits]
+    if all(x == 0 and y == 0 for x, y in vals if x is not None and y is not None) and n:
+        answer, standing = "no signal", "undecided (every value is 0)"
+    else:
+        answer = "yes" if better == n and n else "no"
+        standing = standing_from_count(better, n) if paper else "beyond the paper"
+    evidence = f"{better} of {n} exits" + (f" ({ties} tied)" if ties else "") + "; " + ", ".join(
+        f"{k}: {fmt(x, kind)} vs {fmt(y, kind)}" for k, (x, y) in zip(exits, vals))
+    v.add(f"{label(a)} beats {label(b)} at every intermediate exit on {what}", answer, evidence, paper or "-",
+          standing)
+
+
+# ---------------------------------------------------------------------------------------------------- sections
+
+def setup_section(b: Budget, root: Path) -> list[str]:
+    models: dict[str, dict] = {}
+    for r in b.res.values():
+        for name, m in (r or {}).get("models", {}).items():
+            models.setdefault(name, m)
+    if not models:
+        return [f"*No evaluation of this budget yet: `bash experiments/paper.sh train {b.spec['stage']}` then "
+                f"`bash experiments/paper.sh eval {b.spec['stage']}`.*"]
+    out = [f"Models evaluated in this budget (from the results files' `models`), and the training behind each "
+           f"(`bash experiments/paper.sh train {b.spec['stage']}` runs them all):", ""]
+    rows = []
+    for name in sorted(models, key=lambda n: list(LABELS).index(n) if n in LABELS else len(LABELS)):
+        m = models[name]
+        cfg_path, extra = b.train.get(name, (None, []))
+        if cfg_path is None:
+            rows.append([label(name), f"`{m['path']}`", str(m.get("mode")), ", ".join(map(str, m["exits"])),
+                         "-", "no training (the base model)"])
+            continue
+        cfg = yaml.safe_load((root / cfg_path).read_text()) if (root / cfg_path).exists() else {}
+        over = dict(zip(extra[::2], extra[1::2]))
+        cfg.update({k[2:]: val for k, val in over.items() if k in ("--mode", "--data", "--distill_alpha")})
+        budget = [f"data {cfg.get('data')}" + (f"[:{cfg['data_limit']}]" if cfg.get("data_limit") else "")]
+        bs, ep = cfg.get("per_device_train_batch_size"), cfg.get("num_train_epochs")
+        if cfg.get("max_steps"):
+            budget.append(f"{cfg['max_steps']} steps")
+        elif cfg.get("data_limit") and bs and ep:
+            budget.append(f"{math.ceil(cfg['data_limit'] / bs) * ep} steps")
+        budget += [f"batch {bs}", f"lr {cfg.get('learning_rate')}"]
+        if cfg.get("distill_alpha"):
+            budget.append(f"distill_alpha {cfg['distill_alpha']}")
+        if cfg.get("lora"):
+            budget.append(f"LoRA r={cfg['lora'].get('r')}")
+        rows.append([label(name), f"`{m['path']}`", str(m.get("mode")), ", ".join(map(str, m["exits"])),
+                     ", ".join(budget), f"`sortedllm train --config {' '.join([cfg_path] + extra)}`"])
+    out += table(["model", "checkpoint", "mode", "exits", "budget (from the config)", "training command"], rows)
+    trained = {r[4].split(", lr")[0] for r in rows if r[4] != "-"}
+    same = "yes" if len(trained) == 1 else f"no ({'; '.join(sorted(trained))})"
+    return out + ["", f"Same data and number of steps for every trained model: {same}."]
+
+
+def quality_section(b: Budget, v: Verdicts, figs: Path, rel: str) -> list[str]:
+    out = []
+    specs = [("loss", "loss", "loss", False, "num", "Held-out loss (completion tokens, lower is better)"),
+             ("gsm8k", "gsm8k", "accuracy", True, "pct", "GSM8K accuracy (final answer, greedy, zero-shot)"),
+             ("triviaqa", "triviaqa", "exact_match", True, "pct", "TriviaQA exact match (closed book, greedy)")]
+    for exp, task, metric, higher, kind, title in specs:
+        out += ["", f"**{title}**", ""]
+        per_model = b.task(exp, task)
+        if not per_model:
+            out.append(b.missing(exp))
+            continue
+        detail = b.res[exp]["details"].get(task, {})
+        n = next((m.get("n") for m in per_model.values() for e in m.values() if isinstance(e.get("n"), int)), None)
+        if task == "loss" and detail.get("data"):
+            out += [f"Held-out data: `{detail['data']}`.", ""]
+        elif n:
+            out += [f"{n} questions per exit.", ""]
+        out += per_exit_table(per_model, metric, higher, kind)
+        png = plot_per_exit(per_model, task, metric, higher, figs / f"{b.key}_{task}.png")
+        if png:
+            out += ["", f"![{task} per exit]({rel}/{png.name})"]
+        out += ["", b.source(exp)]
+        paper = "SoFT's sub-models beat SFT's intermediate layers"
+        what = {"loss": "held-out loss", "gsm8k": "GSM8K accuracy", "triviaqa": "TriviaQA exact match"}[task]
+        compare_claim(v, per_model, "soft", "sft", metric, higher, what, paper, kind)
+        compare_claim(v, per_model, "soft", "sft-ict", metric, higher, what,
+                      "SoFT beats SFT+ICT (early exit with a head per exit)", kind)
+        if task == "loss":
+            last_claim(v, per_model)
+            compare_claim(v, per_model, "soft-lora", "sft", metric, higher, what, None)
+            compare_claim(v, per_model, "soft-ict", "soft", metric, higher, what, None)
+    return out
+
+
+def last_claim(v: Verdicts, per_model: dict):
+    """Rule: SoFT's last exit keeps the full model's quality if its loss is within 2% of SFT's last exit."""
+    if "soft" not in per_model or "sft" not in per_model:
+        return
+    last = exits_of(per_model)[-1]
+    a, b = value(per_model, "soft", last, "loss"), value(per_model, "sft", last, "loss")
+    if a is None or b is None:
+        return
+    rel = a / b - 1
+    v.add(f"SoFT's last exit ({last}) is within 2% of SFT's last-exit loss", "yes" if rel <= 0.02 else "no",
+          f"{fmt(a)} vs {fmt(b)} ({100 * rel:+.1f}%)", "SoFT's last layer roughly ties SFT's (52.5/62.5/55)",
+          "reproduces" if abs(rel) <= 0.02 else ("better than the paper" if rel < 0 else "does not reproduce"))
+
+
+def depth_note(k: int, layers: int) -> int | None:
+    """The paper's layer at the same depth fraction (our exit k of `layers` -> k/layers of 40)."""
+    p = k * PAPER_LAYERS / layers
+    return int(p) if p == int(p) else None
+
+
+def tournament_section(b: Budget, v: Verdicts, figs: Path, rel: str) -> list[str]:
+    out = []
+    cross = b.res.get("tournament")
+    if not cross:
+        out.append(b.missing("tournament"))
+    else:
+        detail = cross["details"]["tournament"]
+        layers = max(max(m["exits"]) for m in cross["models"].values())
+        diag = {m["a"][1]: m for m in detail["matches"] if m["a"][0] == "soft" and m["b"][0] == "sft"
+                and m["a"][1] == m["b"][1]}
+        row_score = cross["tasks"]["tournament"].get("soft", {})
+        out += [f"SoFT exit k against SFT exit k ({detail['n_prompts']} PandaLM prompts, both answer orders, judge "
+                f"`{detail['judge']['name']}`). W/L/T from SoFT's side; (W-L)/n. The paper's cell is at the same "
+                f"depth fraction (our exit k of {layers} layers = the paper's layer {PAPER_LAYERS}k/{layers}; "
+                f"170 prompts, PandaLM-7B judge).", ""]
+        rows = []
+        wins, n_int = 0, 0
+        for k in sorted(diag):
+            m = diag[k]
+            pk = depth_note(k, layers)
+            paper = PAPER_DIAGONAL.get(pk) if pk else None
+            pcell = "-"
+            if paper:
+                t = PAPER_PROMPTS - sum(paper)
+                pcell = f"layer {pk}: {paper[0]:g}/{paper[1]:g}/{t:g} ({(paper[0] - paper[1]) / PAPER_PROMPTS:+.3f})"
+            allrow = row_score.get(str(k), {})
+            rows.append([str(k), f"{m['wins']:g}/{m['losses']:g}/{m['ties']:g}", fmt(m["score"], "signed"),
+                         fmt(allrow.get("score"), "signed"), pcell])
+            if k != layers and k * PAPER_LAYERS / layers >= 16:
+                n_int += 1
+                wins += m["wins"] > m["losses"]
+        out += table(["exit", "SoFT k vs SFT k: W/L/T", "(W-L)/n", "SoFT k vs every SFT exit: (W-L)/n",
+                      "paper (same depth)"], rows)
+        png = plots.tournament(relabel(cross), figs / f"{b.key}_tournament_matrix.png")
+        if png:
+            out += ["", f"![tournament matrix]({rel}/{png.name})"]
+        out += ["", b.source("tournament")]
+        if n_int:
+            v.add("SoFT beats SFT at equal depth at every intermediate exit from 40% depth up (tournament)",
+                  "yes" if wins == n_int else "no", f"{wins} of {n_int} exits with W > L",
+                  "SoFT wins at equal depth from layer 16 of 40 up", standing_from_count(wins, n_int))
+    out += ["", "**Every SoFT exit against SoFT's own last layer**", ""]
+    last = b.res.get("vs_last")
+    if not last:
+        out.append(b.missing("vs_last"))
+        return out
+    detail = last["details"]["tournament"]
+    rows, ties = [], 0
+    for m in sorted(detail["matches"], key=lambda m: m["a"][1]):
+        rows.append([str(m["a"][1]), f"{m['b'][1]}", f"{m['wins']:g}/{m['losses']:g}/{m['ties']:g}",
+                     fmt(m["score"], "signed")])
+        ties += m["score"] >= 0
+    out += table(["exit", "against exit", "W/L/T", "(W-L)/n"], rows)
+    png = plots.tournament(relabel(last), figs / f"{b.key}_vs_last_matrix.png")
+    if png:
+        out += ["", f"![vs last]({rel}/{png.name})"]
+    out += ["", b.source("vs_last")]
+    v.add("SoFT's intermediate exits at least tie SoFT's last layer ((W-L)/n >= 0)",
+          "yes" if ties == len(rows) and rows else "no", f"{ties} of {len(rows)} exits; " + ", ".join(
+              f"{r[0]}: {r[3]}" for r in rows), "-", "beyond the paper")
+    return out
+
+
+def relabel(res: dict) -> dict:
+    """A results dict with display names, for sortedllm's plots."""
+    out = json.loads(json.dumps(res))
+    out["models"] = {label(n): {**m, "mode": None} for n, m in res["models"].items()}
+    for task, per_model in res["tasks"].items():
+        out["tasks"][task] = {label(n): v for n, v in per_model.items()}
+    for m in out.get("details", {}).get("tournament", {}).get("matches", []):
+        m["a"][0], m["b"][0] = label(m["a"][0]), label(m["b"][0])
+    return out
+
+
+def similarity_section(b: Budget, v: Verdicts, figs: Path, rel: str) -> list[str]:
+    res = b.res.get("similarity")
+    if not res:
+        return [b.missing("similarity")]
+    per_model = res["tasks"]["similarity"]
+    d = res["details"]["similarity"]
+    out = [f"Over {d['n_prompts']} PandaLM prompts, at generated positions 0..{d['positions'] - 1} of the last "
+           f"layer's greedy reply: KL(last || exit) in nats, cosine of the normed hidden states the head reads, and "
+           f"top-1 agreement with the last layer. Each model against its own last layer.", ""]
+    names = list(per_model)
+    head = ["exit"] + [f"{label(n)} {c}" for c in ("KL", "cosine", "top-1") for n in names]
+    rows = []
+    for k in exits_of(per_model):
+        rows.append([str(k)] + [fmt(value(per_model, n, k, m), kind) for m, kind in
+                                (("kl", "num"), ("cosine", "num"), ("top1_agreement", "pct")) for n in names])
+    out += table(head, rows)
+    png = plot_per_exit(per_model, "similarity", "kl", False, figs / f"{b.key}_similarity_kl_per_exit.png")
+    if png:
+        out += ["", f"![KL per exit]({rel}/{png.name})"]
+    for which in ("kl", "cosine"):
+        png = plots.similarity(relabel(res), figs / f"{b.key}_similarity_{which}.png", which, shared_scale=True)
+        if png:
+            out += ["", f"![{which} by position]({rel}/{png.name})"]
+    out += ["", b.source("similarity")]
+    paper = "SoFT's sub-models are much closer to the last layer than SFT's intermediate layers"
+    compare_claim(v, per_model, "soft", "sft", "kl", False, "KL to the last layer (lower)", paper)
+    compare_claim(v, per_model, "soft", "sft", "cosine", True, "cosine to the last layer (higher)", paper)
+    compare_claim(v, per_model, "soft", "untuned", "kl", False, "KL to the last layer (lower)", None)
+    return out
+
+
+def decode_section(dec: dict | None, v: Verdicts) -> list[str]:
+    if not dec:
+        return ["*Not measured yet: `benchmarks/results/decode.json` is missing. Run `python benchmarks/bench_decode.py "
+                "--threads 1`.*"]
+    s = dec["settings"]
+    layers = dec["num_layers"]
+    rows_by = {(r["method"], r["task"]): r for r in dec["rows"]}
+    methods = list(dict.fromkeys(r["method"] for r in dec["rows"]))
+    out = [f"`{dec['model']}` ({dec.get('model_note', '')}), {s['prompts_per_task']} prompts per task, up to "
+           f"{s['max_new_tokens']} new tokens, batch 1, {s.get('threads', '?')} thread. Speedup = time per token of "
+           f"plain greedy decoding / the method's (CPU time of the process, methods alternated per prompt in one "
+           f"run); `same` = share of prompts with exactly greedy's text; acc = GSM8K accuracy / TriviaQA EM. The "
+           f"paper's row is at the same depth fraction (exit k of {layers} = the paper's layer {PAPER_LAYERS}k/"
+           f"{layers}); its speculation is HF assisted generation with a separate sub-model (LLaMA-2 13B, GPU).", ""]
+
+    def paper_key(method: str) -> str | None:
+        if method == "greedy":
+            return "full"
+        if method == "early exit (paper)":
+            return "early exit"
+        for prefix in ("self-speculative ", "HF assisted (sub-model "):
+            if method.startswith(prefix):
+                pk = depth_note(int(method[len(prefix):].rstrip(")")), layers)
+                return f"draft {pk}" if f"draft {pk}" in PAPER_DECODE else None
+        return None
+
+    def ours(r: dict | None) -> str:
+        if not r:
+            return "-"
+        parts = [f"{r['ms_per_token']:.1f} ms/token" if r["method"] == "greedy" else fmt(r["speedup"], "x")]
+        if r.get("acceptance") is not None:
+            parts.append(f"accept {r['acceptance']:.2f}")
+        if r.get("accuracy") is not None:
+            parts.append(f"acc {fmt(r['accuracy'], 'pct')}")
+        parts.append(f"same {fmt(r['identical_rate'], 'pct')}")
+        return ", ".join(parts)
+
+    def paper_cell(key: str | None, task: str) -> str:
+        if not key:
+            return "-"
+        x, note = PAPER_DECODE[key][task]
+        return ", ".join(p for p in (fmt(x, "x") if x is not None else "", note) if p) or "-"
+
+    rows = []
+    for method in methods:
+        key = paper_key(method)
+        cells = [method, f"{key}" if key else "-"]
+        for task, _ in DECODE_TASKS:
+            cells += [ours(rows_by.get((method, task))), paper_cell(key, task)]
+        rows.append(cells)
+    head = ["method (ours)", "paper row"] + [c for _, t in DECODE_TASKS for c in (f"{t} ours", f"{t} paper")]
+    out += table(head, rows)
+    out += ["", "Command: `python benchmarks/bench_decode.py --threads 1` (writes `benchmarks/results/decode.json`)."]
+
+    # Verdicts.
+    spec = [m for m in methods if m.startswith("self-speculative ")]
+    if spec:
+        same = [rows_by[(m, t)]["identical_rate"] for m in spec for t, _ in DECODE_TASKS if (m, t) in rows_by]
+        v.add("Self-speculative decoding returns exactly greedy's text (every prompt, task and draft exit)",
+              "yes" if all(x == 1.0 for x in same) else "no", f"identical on {sum(x == 1.0 for x in same)} of "
+              f"{len(same)} (exit, task) runs", "the paper's speculation changed accuracy (e.g. GSM8K 33.05 -> "
+              "32.22)", "better than the paper" if all(x == 1.0 for x in same) else "does not reproduce")
+    for task, name in DECODE_TASKS:
+        # Best of our draft exits against the best of the paper's draft layers (each side at its own best setting).
+        ours_best = max(((rows_by[(m, task)]["speedup"], m) for m in spec if (m, task) in rows_by), default=None)
+        if ours_best:
+            paper_best = max((PAPER_DECODE[k][task][0], k) for k in PAPER_DECODE if k.startswith("draft "))
+            v.add(f"Self-speculative decoding on {name}: best draft exit's speedup at least the paper's best",
+                  "yes" if ours_best[0] >= paper_best[0] else "no",
+                  f"{fmt(ours_best[0], 'x')} ({ours_best[1]}) vs paper {fmt(paper_best[0], 'x')} ({paper_best[1]})",
+                  fmt(paper_best[0], "x"), standing_from_ratio(ours_best[0], paper_best[0], True))
+        pairs = [(rows_by[(m, task)]["speedup"], rows_by[(f"HF assistant_early_exit {m.split()[-1]}", task)]["speedup"],
+                  m.split()[-1]) for m in spec if (f"HF assistant_early_exit {m.split()[-1]}", task) in rows_by
+                 and (m, task) in rows_by]
+        if pairs:
+            v.add(f"Self-speculative decoding is faster than HF assistant_early_exit at the same exit on {name}",
+                  "yes" if all(a > h for a, h, _ in pairs) else "no",
+                  "; ".join(f"exit {k}: {fmt(a, 'x')} vs {fmt(h, 'x')} ({a / h:.2f}x)" for a, h, k in pairs), "-",
+                  "beyond the paper")
+    for task, name in DECODE_TASKS:
+        r = rows_by.get(("early exit (paper)", task))
+        if r:
+            px = PAPER_DECODE["early exit"][task][0]
+            v.add(f"Early exit with the paper's thresholds: speedup on {name}", "yes" if r["speedup"] >= px else "no",
+                  f"{fmt(r['speedup'], 'x')} (same text {fmt(r['identical_rate'], 'pct')}) vs paper {fmt(px, 'x')}",
+                  fmt(px, "x"), standing_from_ratio(r["speedup"], px, True))
+    return out
+
+
+def cost_section(rows: list | None, v: Verdicts) -> list[str]:
+    if not rows:
+        return ["*Not measured yet: `benchmarks/results/train.json` is missing. Run `python benchmarks/bench_train.py`.*"]
+    r0 = rows[0]
+    out = [f"One training step (forward, backward, AdamW) on `{r0['model']}`, batch {r0['batch_size']}, real GSM8K "
+           f"rows (mean length {r0['mean_seq_len']}), {r0['rounds']} rounds with methods alternated; ratios against "
+           f"`hf_sft` (transformers' own loss, i.e. plain SFT) in the same round, median over rounds. Memory: peak "
+           f"RSS of one step after the optimizer state exists. `FLOP model` is the predicted ratio for this model and "
+           f"for LLaMA-2 13B with the paper's 8 exits.", ""]
+    by = {r["method"]: r for r in rows}
+    body = []
+    for r in rows:
+        paper = {"hf_sft": "1.00x / 1.00x", "soft_uniform": f"{PAPER_COST['time']:.2f}x / ~{PAPER_COST['memory']:.2f}x"}
+        body.append([r["method"], ", ".join(map(str, r["exits"])) if len(r["exits"]) < 9 else str(len(r["exits"])),
+                     fmt(r["time_ratio"], "x"), fmt(r["cpu_time_ratio"], "x"), fmt(r["peak_mem_ratio"], "x"),
+                     fmt(r.get("ideal_ratio"), "x"), fmt(r.get("ideal_ratio_llama2_13b"), "x"),
+                     paper.get(r["method"], "-")])
+    out += table(["method", "exits", "step time (wall)", "step time (CPU)", "peak memory", "FLOP model",
+                  "FLOP model, LLaMA-2 13B", "paper: time / memory"], body)
+    out += ["", "`soft_uniform` is the paper's loss (every exit every step, plain mean); `soft_sample1` and "
+                "`soft_rotate` train one intermediate exit per step beside the last.", "",
+            "Command: `python benchmarks/bench_train.py` (writes `benchmarks/results/train.json`)."]
+    soft = by.get("soft_uniform")
+    if soft:
+        t = soft["cpu_time_ratio"]
+        v.add("SoFT (paper's loss) step time vs SFT, CPU time (the less noisy measure on this shared machine)",
+              "yes" if t <= PAPER_COST["time"] * (1 + TOLERANCE) else "no",
+              f"{fmt(t, 'x')} CPU, {fmt(soft['time_ratio'], 'x')} wall; FLOP model {fmt(soft.get('ideal_ratio'), 'x')}"
+              f" here (head ~21% of the parameters), {fmt(soft.get('ideal_ratio_llama2_13b'), 'x')} for LLaMA-2 13B",
+              f"{PAPER_COST['time']:.2f}x", standing_from_ratio(t, PAPER_COST["time"], False))
+        m = soft["peak_mem_ratio"]
+        v.add("SoFT (paper's loss) peak memory vs SFT", "yes" if m <= PAPER_COST["memory"] else "no",
+              fmt(m, "x"), f"~{PAPER_COST['memory']:.2f}x", standing_from_ratio(m, PAPER_COST["memory"], False))
+    for name in ("soft_rotate", "soft_sample1"):
+        r = by.get(name)
+        if r:
+            t = r["cpu_time_ratio"]
+            v.add(f"SoFT with one intermediate exit per step (`{name}`) at SFT's step time or less (CPU)",
+                  "yes" if t <= 1.0 else "no", f"{fmt(t, 'x')} CPU, {fmt(r['time_ratio'], 'x')} wall", "-",
+                  "beyond the paper")
+    return out
+
+
+def draft_section(res: dict | None, shown: str, v: Verdicts, figs: Path, rel: str) -> list[str]:
+    if not res:
+        return [f"*Not measured yet: `{shown}/results.json` is missing. Run `bash experiments/paper.sh eval quick` "
+                f"(needs `runs/distill40/final` from `bash experiments/paper.sh train quick`).*"]
+    out = []
+    for task, per_model in res["tasks"].items():
+        h = res["details"].get(task, {}).get("headline", {})
+        metric, higher = h.get("metric"), h.get("higher_is_better", True)
+        if not metric:
+            continue
+        names = list(per_model)
+        scalars = {m for by in per_model.values() for e in by.values() for m, x in e.items()
+                   if isinstance(x, (int, float)) and not isinstance(x, bool)}
+        cols = [metric] + [c for c in DRAFT_COLUMNS.get(task, []) if c in scalars and c != metric]
+        out += ["", f"**{task}** (headline `{metric}`, {'higher' if higher else 'lower'} is better)", ""]
+        rows = [[str(k)] + [fmt(value(per_model, n, k, c)) for c in cols for n in names]
+                for k in exits_of(per_model)]
+        out += table(["exit"] + [f"{label(n)} {c}" for c in cols for n in names], rows)
+        png = plot_per_exit(per_model, task, metric, higher, figs / f"draft_{task.replace(':', '_')}.png")
+        if png:
+            out += ["", f"![{task}]({rel}/{png.name})"]
+        if task == "agreement" and hasattr(plots, "speedup"):
+            png = plots.speedup(relabel(res), figs / "draft_speedup_by_draft_length.png")
+            if png:
+                out += ["", f"![predicted speedup by draft length]({rel}/{png.name})"]
+        compare_claim(v, per_model, "soft-distill", "soft", metric, higher, f"{task} {metric}", None)
+    return out + ["", f"Command: `{evaluate_command(res, shown)}`"]
+
+
+# ---------------------------------------------------------------------------------------------------- main
+
+def build(results_dir: Path, bench_dir: Path, root: Path, figs: Path, rel: str, shown_results: str) -> str:
+    v = Verdicts()
+    out = ["# Results: the Sorted LLaMA (SoFT) paper reproduced on SmolLM2-135M", "",
+           "Generated by `python experiments/make_results.py` (`bash experiments/paper.sh report`) from the JSON files "
+           "the commands below write; do not edit by hand. Each table names the command that produced its numbers. "
+           "Paper numbers are LLaMA-2 13B (40 layers) from arXiv 2309.08968; ours are a 30-layer 135M model on a "
+           "shared 2-core CPU, exits 9, 12, ..., 30 (the paper's 12, 16, ..., 40 at the same depth fractions).", ""]
+    budgets = [Budget(spec, results_dir, shown_results) for spec in BUDGETS]
+    shown = [b for b in budgets if b.any() or b.key == "quick"]
+    for b in budgets:
+        if b not in shown:
+            out += [f"*{b.title}: not run yet (`bash experiments/paper.sh all {b.spec['stage']}`).*", ""]
+    for b in shown:
+        start = len(v.rows)
+        out += [f"## {b.title}", "", "### Setup and budget", ""] + setup_section(b, root)
+        out += ["", "### 1. SoFT vs SFT vs SFT+ICT at every exit"] + quality_section(b, v, figs, rel)
+        out += ["", "### 2. Pairwise tournament (paper figures 2/3)", ""] + tournament_section(b, v, figs, rel)
+        out += ["", "### 3. Similarity of every exit to the last layer (paper's analysis)", ""]
+        out += similarity_section(b, v, figs, rel) + [""]
+        if len(shown) > 1:  # say which budget a claim is about
+            for row in v.rows[start:]:
+                row[0] = f"({b.key}) {row[0]}"
+    out += ["## 4. Dynamic inference (the paper's table)", ""] + decode_section(load_json(bench_dir / "decode.json"), v)
+    out += ["", "## 5. Training cost (SoFT vs SFT)", ""] + cost_section(load_json(bench_dir / "train.json"), v)
+    out += ["", "## 6. Draft quality: SoFT + self-distillation vs SoFT at equal steps", ""]
+    out += draft_section(load_json(results_dir / DRAFT_QUALITY / "results.json"), f"{shown_results}/{DRAFT_QUALITY}",
+                         v, figs, rel)
+    out += ["", "## Verdict", "",
+            "Computed from the numbers above. Rules: a claim \"A beats B at every intermediate exit\" compares the "
+            "exits before the last; *reproduces* when it holds at all of them, *partly reproduces* at more than half, "
+            "*does not reproduce* otherwise (all-zero values: *undecided*). A ratio beside a paper ratio *reproduces* "
+            f"within ±{100 * TOLERANCE:.0f}%, is *better than the paper* beyond that in our favour, and *does not "
+            "reproduce* beyond it against us. *Beyond the paper*: no published number to compare with.", ""]
+    out += table(["claim", "answer", "numbers", "paper", "vs paper"], v.rows)
+    counts = {}
+    for row in v.rows:
+        counts[row[4]] = counts.get(row[4], 0) + 1
+    out += ["", "Summary: " + ", ".join(f"{n} {k}" for k, n in sorted(counts.items())) + "."]
+    return "\n".join(out) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--results", default="experiments/results", help="folder of the evaluation folders")
+    p.add_argument("--benchmarks", default="benchmarks/results", help="folder of train.json and decode.json")
+    p.add_argument("--configs", default=".", help="folder the training config paths are relative to")
+    p.add_argument("--out", default="docs", help="writes OUT/results.md and OUT/results/*.png")
+    a = p.parse_args(argv)
+    out = Path(a.out)
+    with atomic_dir(out / "results", manifest=False) as figs:
+        md = build(Path(a.results), Path(a.benchmarks), Path(a.configs), figs, "results", a.results.rstrip("/"))
+    atomic_write_text(out / "results.md", md)
+    print(f"wrote {out / 'results.md'} and {out / 'results'}/ ({len(list((out / 'results').glob('*.png')))} plots)")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

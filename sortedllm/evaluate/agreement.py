@@ -1,0 +1,254 @@
+"""Draft quality of every exit for self-speculative decoding: how often exit k predicts the last layer's token on
+the model's own greedy output, how many drafted tokens a speculation cycle would accept, and what speedup that buys
+at the step costs measured on this machine.
+
+1. The full model answers the prompts greedily (default: GSM8K test questions).
+2. Prompt + answer are teacher-forced once per batch (`SortedModel.hidden_at_exits`); at every generated position
+   each exit's top token is compared with the last layer's (the reference is the teacher-forced last layer, so the
+   last exit agrees exactly). `top1_agreement` uses the exit's full head; `draft_agreement` the head
+   self-speculation drafts with (`Speculative.draft_vocab`: the most frequent tokens only, see draft_head.py).
+3. Accepted tokens per cycle for draft length g = 1..8, from the actual runs of draft agreement: a cycle starting
+   at generated position j accepts min(g, number of consecutive agreeing positions from j); averaged over every
+   start position of every answer (no independence assumption: runs of easy tokens count as runs).
+4. Step costs, timed in one run with the measurements alternating (CPU time, median over rounds, batch of one, a
+   real prompt + answer in the cache), exactly the pieces `inference/speculative.py` spends per round of g drafts:
+   g x `t_draft` (one token through layers 1..k + the draft head), `t_feed` (the last draft through layers 1..k, no
+   head) and `t_verify(g)` (g + 1 tokens through layers k+1..L + the full head); a plain step `t_full` is one token
+   through all L layers + the full head. Predicted speedup(g) = (accepted(g) + 1) x t_full /
+   (g x t_draft + t_feed + t_verify(g)).
+
+Written by hand: no library measures per-position agreement runs of a model's own sub-models, nor prices our
+shared-cache speculation round.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+
+import torch
+from tqdm.auto import tqdm
+
+from ..data import load_examples
+from ..errors import SortedError
+from .similarity import right_pad
+
+HEADLINE = ("top1_agreement", True)
+DEFAULT_DATA = "gsm8k:test"
+MAX_NEW_TOKENS = 256  # as the gsm8k task, so `--tasks gsm8k,agreement` generates the last layer's answers once
+MAX_DRAFT = 8
+ROUNDS = 5  # timed rounds (after one warm-up round)
+CHUNK = 512  # positions per head call (a [CHUNK, vocab] logits tile)
+
+
+def prepare(ctx, name: str) -> list[dict]:
+    rounds = ctx.options.get("timing_rounds", ROUNDS)
+    if int(rounds) < 1:
+        raise SortedError(f"timing_rounds must be at least 1 (got {rounds})")
+    rows = load_examples(ctx.data.get(name, DEFAULT_DATA), limit=ctx.limit)
+    if not rows:
+        raise SortedError(f"the agreement task's data ({ctx.data.get(name, DEFAULT_DATA)}) has no prompts")
+    return rows
+
+
+def accepted_tokens(runs: list[list[bool]], max_draft: int = MAX_DRAFT) -> list[float | None]:
+    """Expected accepted drafts per cycle for g = 1..max_draft: the mean over every start position j of every
+    sequence of min(g, consecutive agreeing positions from j). `runs[i][j]`: does the draft agree at position j."""
+    capped = [0] * max_draft
+    starts = 0
+    for seq in runs:
+        streak = 0
+        for ok in reversed(seq):  # run length from each position to the first disagreement (or the end)
+            streak = streak + 1 if ok else 0
+            starts += 1
+            for g in range(1, max_draft + 1):
+                capped[g - 1] += min(g, streak)
+    return [c / starts if starts else None for c in capped]
+
+
+def draft_ids(sm, k: int, draft_vocab: int | None) -> torch.Tensor | None:
+    """Token ids the self-speculative draft head of exit k can propose (None: the full head)."""
+    from ..inference.draft_head import restricted_head
+
+    _, head = sm.exit_norm_head(k)
+    if not draft_vocab or draft_vocab >= head.weight.shape[0]:
+        return None
+    return restricted_head(sm, k, draft_vocab).ids
+
+
+@torch.no_grad()
+def agreement_runs(sm, prompt_ids: list[list[int]], continuations: list[list[int]], exits: list[int],
+                   draft_vocab: int | None = None, batch_size: int = 16, progress: bool = False) -> dict:
+    """Teacher-force prompt + continuation (right padding) and, at every continuation position, compare each exit's
+    top token with the last layer's. Returns {"top1": {k: [[bool, ...] per sequence]}, "draft": {...}, "greedy":
+    fraction of positions where the last layer's teacher-forced top token is the continuation's token}."""
+    L = sm.num_layers
+    exits = sorted(set(exits) | {L})
+    device = next(sm.model.parameters()).device
+    pad = sm.tokenizer.pad_token_id if sm.tokenizer.pad_token_id is not None else 0
+    subsets = {k: draft_ids(sm, k, draft_vocab) for k in exits}
+    top1 = {k: [] for k in exits}
+    draft = {k: [] for k in exits}
+    same = total = 0
+    for start in tqdm(range(0, len(prompt_ids), batch_size), desc="agreement", disable=not progress):
+        idx = range(start, min(start + batch_size, len(prompt_ids)))
+        b_idx, t_idx, lengths = [], [], []
+        for b, i in enumerate(idx):
+            n = len(continuations[i])
+            b_idx += [b] * n
+            t_idx += range(len(prompt_ids[i]) - 1, len(prompt_ids[i]) - 1 + n)  # predicts continuation token j
+            lengths.append(n)
+        if not b_idx:  # nothing generated in this batch
+            for k in exits:
+                top1[k] += [[] for _ in idx]
+                draft[k] += [[] for _ in idx]
+            continue
+        ids, mask = right_pad([prompt_ids[i] + continuations[i] for i in idx], pad, device)
+        hidden = sm.hidden_at_exits(ids, mask, exits)
+        b_t, t_t = torch.tensor(b_idx, dtype=torch.long), torch.tensor(t_idx, dtype=torch.long)
+        tops = {}
+        for k in exits:
+            full, sub = [], []
+            for c in range(0, len(b_idx), CHUNK):
+                z = sm.exit_logits(hidden[k][b_t[c:c + CHUNK], t_t[c:c + CHUNK]], k)
+                full.append(z.argmax(-1))
+                s = subsets[k]
+                sub.append(full[-1] if s is None else s[z[:, s].argmax(-1)])
+            tops[k] = (torch.cat(full).cpu(), torch.cat(sub).cpu())
+        ref = tops[L][0]
+        target = torch.tensor([t for i in idx for t in continuations[i]], dtype=torch.long)
+        same += int((ref == target).sum())
+        total += len(target)
+        for k in exits:
+            for name, top, out in (("top1", tops[k][0], top1), ("draft", tops[k][1], draft)):
+                agree = (top == ref).tolist()
+                at = 0
+                for n in lengths:
+                    out[k].append(agree[at:at + n])
+                    at += n
+    return {"top1": top1, "draft": draft, "greedy": same / total if total else None}
+
+
+@torch.inference_mode()
+def step_costs(sm, context: list[int], exits: list[int], draft_vocab: int | None = None, max_draft: int = MAX_DRAFT,
+               rounds: int = ROUNDS) -> dict:
+    """CPU seconds (median over `rounds`, after a warm-up) of the pieces of a self-speculative round at each draft
+    exit and of a plain full-model step, for one sequence whose cache holds `context`. Every measurement adds its
+    tokens to the cache and crops them again, so all run at the same context length; the measurements alternate
+    (each exit's group starts with a plain step) so load changes on a shared machine hit all of them alike."""
+    from ..inference.batch import crop, new_cache
+    from ..inference.draft_head import restricted_head
+
+    arch, L = sm.arch, sm.num_layers
+    device = next(sm.model.parameters()).device
+    ids = torch.tensor([context], device=device)
+    n = ids.shape[1]
+    cache = new_cache(sm, rollback=True)
+    arch.run_layers(arch.embed(ids), 0, L, attention_mask=torch.ones_like(ids), cache=cache)
+    token = ids[:, -1:]
+    norm_l, head_l = sm.exit_norm_head(L)
+
+    def piece(start: int, end: int, width: int, head=None, norm=None):
+        """One timed piece: `width` tokens through layers start..end-1 (+ a head), then cropped again. Layer inputs
+        past the embedding are stand-in states (the context's last embeddings): cost does not depend on values."""
+        x = arch.embed(ids[:, -width:])
+        mask = torch.ones(1, n + width, dtype=torch.long, device=device)
+        pos = torch.arange(n, n + width, device=device).unsqueeze(0)
+
+        def step():
+            h = arch.run_layers(arch.embed(token) if start == 0 else x, start, end, attention_mask=mask,
+                                position_ids=pos, cache=cache)
+            if head is not None:
+                arch.logits(h, norm=norm, head=head).argmax(-1)
+            crop(cache, width, start, end)
+        return step
+
+    ops = {("full",): piece(0, L, 1, head_l, norm_l)}
+    for k in exits:
+        if k >= L:
+            continue
+        norm_k, head_k = sm.exit_norm_head(k)
+        small = draft_ids(sm, k, draft_vocab) is not None
+        ops[("draft", k)] = piece(0, k, 1, restricted_head(sm, k, draft_vocab) if small else head_k, norm_k)
+        ops[("feed", k)] = piece(0, k, 1)
+        for g in range(1, max_draft + 1):
+            ops[("verify", k, g)] = piece(k, L, g + 1, head_l, norm_l)
+    order = []
+    for k in exits:
+        if k < L:
+            order += [("full",), ("draft", k), ("feed", k)] + [("verify", k, g) for g in range(1, max_draft + 1)]
+    order = order or [("full",)]
+    times: dict = {key: [] for key in ops}
+    for r in range(rounds + 1):
+        for key in order[r % len(order):] + order[:r % len(order)]:  # rotate the order every round
+            t0 = time.process_time()
+            ops[key]()
+            if r:  # round 0 warms up
+                times[key].append(time.process_time() - t0)
+    return {key: statistics.median(v) for key, v in times.items()}
+
+
+def speedups(accepted: list[float | None], t_full: float, t_draft: float, t_feed: float,
+             t_verify: list[float]) -> list[float | None]:
+    """Predicted speedup over plain greedy for g = 1..len(t_verify): tokens per round x plain step cost / round cost."""
+    return [None if a is None else (a + 1) * t_full / (g * t_draft + t_feed + t_verify[g - 1])
+            for g, a in enumerate(accepted, start=1)]
+
+
+def measure_model(sm, prompt_ids: list[list[int]], continuations: list[list[int]], exits: list[int], *,
+                  draft_vocab: int | None, batch_size: int, rounds: int, progress: bool = False) -> tuple[dict, dict]:
+    """Per-exit metrics ({exit: {...}}) and the model's timing details."""
+    L = sm.num_layers
+    runs = agreement_runs(sm, prompt_ids, continuations, exits, draft_vocab=draft_vocab, batch_size=batch_size,
+                          progress=progress)
+    lengths = sorted(range(len(prompt_ids)), key=lambda i: len(prompt_ids[i]) + len(continuations[i]))
+    mid = lengths[len(lengths) // 2]  # time at a typical context: the median-length prompt + answer
+    context = prompt_ids[mid] + continuations[mid]
+    cost = step_costs(sm, context, exits, draft_vocab=draft_vocab, rounds=rounds)
+    t_full = cost[("full",)]
+    out = {}
+    for k in exits:
+        flat = [a for seq in runs["top1"][k] for a in seq]
+        flat_d = [a for seq in runs["draft"][k] for a in seq]
+        accepted = accepted_tokens(runs["draft"][k])
+        m = {"top1_agreement": sum(flat) / len(flat) if flat else None,
+             "draft_agreement": sum(flat_d) / len(flat_d) if flat_d else None,
+             "positions": len(flat),
+             "accepted_by_draft_length": accepted}
+        if k < L:
+            t_verify = [cost[("verify", k, g)] for g in range(1, MAX_DRAFT + 1)]
+            sp = speedups(accepted, t_full, cost[("draft", k)], cost[("feed", k)], t_verify)
+            best = max(range(MAX_DRAFT), key=lambda i: sp[i] if sp[i] is not None else -1.0)
+            m.update(speedup_by_draft_length=sp, best_draft_length=best + 1 if sp[best] is not None else None,
+                     best_speedup=sp[best], t_draft_ms=1e3 * cost[("draft", k)], t_feed_ms=1e3 * cost[("feed", k)],
+                     t_verify_ms_by_draft_length=[1e3 * t for t in t_verify])
+        else:  # the last layer verifies; it is no draft
+            m.update(speedup_by_draft_length=None, best_draft_length=None, best_speedup=None)
+        out[k] = m
+    timing = {"t_full_ms": 1e3 * t_full, "context_tokens": len(context), "rounds": rounds,
+              "teacher_forced_matches_generation": runs["greedy"]}
+    return out, timing
+
+
+def run(ctx, name: str, rows: list[dict]) -> dict:
+    from ..inference.speculative import Speculative
+    from ..inference.static import encode_prompts
+
+    n_new = ctx.new_tokens(MAX_NEW_TOKENS)
+    rounds = int(ctx.options.get("timing_rounds", ROUNDS))
+    draft_vocab = ctx.options.get("draft_vocab", Speculative.draft_vocab)
+    prompts = [r["prompt"] for r in rows]
+    out, timing = {}, {}
+    for model, exits in ctx.exits.items():
+        sm = ctx.models[model]
+        gens = ctx.generate(model, sm.num_layers, prompts, n_new, name)
+        ctx.record(name, model, sm.num_layers, rows, gens)
+        out[model], timing[model] = measure_model(sm, encode_prompts(sm, prompts), [g.token_ids for g in gens],
+                                                  exits, draft_vocab=draft_vocab, batch_size=ctx.batch_size,
+                                                  rounds=rounds, progress=ctx.progress)
+    ctx.details[name] = {"data": ctx.data.get(name, DEFAULT_DATA), "n_prompts": len(rows), "max_new_tokens": n_new,
+                         "draft_lengths": list(range(1, MAX_DRAFT + 1)), "draft_vocab": draft_vocab,
+                         "reference": "last layer of the same model, teacher-forced on its own greedy answers",
+                         "clock": "CPU time (time.process_time), median over rounds, batch of one",
+                         "torch_threads": torch.get_num_threads(), "timing": timing}
+    return out
