@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
-from conftest import make_tiny
+from tests.conftest import make_tiny
 
 from sortedllm.checkpoint import CRASH_ENV, manifest_problem, stale_temp_folders
 

@@ -15,7 +15,7 @@ from sortedllm import SortedModel
 from sortedllm.checkpoint import (CRASH_ENV, MANIFEST, atomic_dir, manifest_problem, stale_temp_folders,
                                   verify_manifest)
 from sortedllm.errors import SortedError
-from conftest import make_tiny
+from tests.conftest import make_tiny
 
 
 def write(folder, files: dict) -> None:

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import make_tiny
+from tests.conftest import make_tiny
 
 ROOT = Path(__file__).resolve().parents[1]
 PNG = b"\x89PNG\r\n\x1a\n"

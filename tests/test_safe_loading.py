@@ -10,7 +10,7 @@ import pickle
 from pathlib import Path
 
 import pytest
-from conftest import make_tiny
+from tests.conftest import make_tiny
 
 import sortedllm
 from sortedllm.checkpoint import read_manifest, write_manifest

@@ -40,6 +40,21 @@ class EvalContext:
                                         desc=f"{task} {name} exit {k}")
         return self._cache[key]
 
+    def scored(self, task: str, rows: list, max_new_tokens: int, score) -> dict:
+        """Every model's greedy replies to `rows` at each of its exits, scored: `score(generations)` returns
+        (per-row lists kept in generations.jsonl, the exit's summary). Returns {model: {exit: summary}}."""
+        prompts = [r["prompt"] for r in rows]
+        out = {}
+        for name, exits in self.exits.items():
+            out[name] = {}
+            for k in exits:
+                gens = self.generate(name, k, prompts, max_new_tokens, task)
+                per_row, summary = score(gens)
+                self.record(task, name, k, rows, gens, **per_row)
+                out[name][k] = {**summary, "n": len(rows),
+                                "mean_new_tokens": sum(len(g.token_ids) for g in gens) / len(rows)}
+        return out
+
     def record(self, task: str, name: str, k: int, rows: list, generations: list, **per_row) -> None:
         """Keep every generation for generations.jsonl (`per_row` values are lists aligned with `rows`)."""
         for i, (row, g) in enumerate(zip(rows, generations)):

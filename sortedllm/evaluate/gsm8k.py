@@ -59,18 +59,12 @@ def prepare(ctx, name: str) -> list[dict]:
 
 
 def run(ctx, name: str, rows: list[dict]) -> dict:
-    n_new = ctx.new_tokens(MAX_NEW_TOKENS)
-    prompts = [r["prompt"] for r in rows]
-    out = {}
-    for model, exits in ctx.exits.items():
-        out[model] = {}
-        for k in exits:
-            gens = ctx.generate(model, k, prompts, n_new, name)
-            preds = [extract_answer(g.text) for g in gens]
-            correct = [is_correct(p, str(r["final_answer"])) for p, r in zip(preds, rows)]
-            ctx.record(name, model, k, rows, gens, prediction=preds, gold=[str(r["final_answer"]) for r in rows],
-                       correct=correct)
-            out[model][k] = {"accuracy": sum(correct) / len(rows), "n": len(rows),
-                             "answered": sum(p is not None for p in preds) / len(rows),
-                             "mean_new_tokens": sum(len(g.token_ids) for g in gens) / len(rows)}
-    return out
+    gold = [str(r["final_answer"]) for r in rows]
+
+    def score(gens):
+        preds = [extract_answer(g.text) for g in gens]
+        correct = [is_correct(p, g) for p, g in zip(preds, gold)]
+        return ({"prediction": preds, "gold": gold, "correct": correct},
+                {"accuracy": sum(correct) / len(rows), "answered": sum(p is not None for p in preds) / len(rows)})
+
+    return ctx.scored(name, rows, ctx.new_tokens(MAX_NEW_TOKENS), score)

@@ -52,17 +52,11 @@ def prepare(ctx, name: str) -> list[dict]:
 
 
 def run(ctx, name: str, rows: list[dict]) -> dict:
-    n_new = ctx.new_tokens(MAX_NEW_TOKENS, cap=MAX_NEW_TOKENS)
-    prompts = [r["prompt"] for r in rows]
-    out = {}
-    for model, exits in ctx.exits.items():
-        out[model] = {}
-        for k in exits:
-            gens = ctx.generate(model, k, prompts, n_new, name)
-            preds = [prediction(g.text) for g in gens]
-            em = [exact_match(p, r["answers"]) for p, r in zip(preds, rows)]
-            inside = [contains(p, r["answers"]) for p, r in zip(preds, rows)]
-            ctx.record(name, model, k, rows, gens, prediction=preds, correct=em)
-            out[model][k] = {"exact_match": sum(em) / len(rows), "contains": sum(inside) / len(rows),
-                             "n": len(rows), "mean_new_tokens": sum(len(g.token_ids) for g in gens) / len(rows)}
-    return out
+    def score(gens):
+        preds = [prediction(g.text) for g in gens]
+        em = [exact_match(p, r["answers"]) for p, r in zip(preds, rows)]
+        inside = [contains(p, r["answers"]) for p, r in zip(preds, rows)]
+        return ({"prediction": preds, "correct": em},
+                {"exact_match": sum(em) / len(rows), "contains": sum(inside) / len(rows)})
+
+    return ctx.scored(name, rows, ctx.new_tokens(MAX_NEW_TOKENS, cap=MAX_NEW_TOKENS), score)

@@ -30,7 +30,7 @@ def test_mixture_interleaves():
 
 
 def test_full_data_dir_env(monkeypatch):
-    from conftest import SHARED_DATA
+    from tests.conftest import SHARED_DATA
 
     if not SHARED_DATA.is_dir():
         pytest.skip("shared data not present")

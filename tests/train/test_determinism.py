@@ -3,7 +3,7 @@ seed gives another run (so the comparison can fail). The model has attention dro
 exits, so every source of randomness in a step is exercised. See docs/reliability.md for what breaks it on GPU."""
 
 import torch
-from conftest import make_tiny
+from tests.conftest import make_tiny
 
 from sortedllm.data import encode_dataset, load_examples
 from sortedllm.train.trainer import SoFTConfig, SoFTTrainer

@@ -29,7 +29,7 @@ def train(model, tok, tmp_path, **kw):
 
 @pytest.mark.parametrize("arch_name", ["llama", "gemma3_text"])  # dense, and sliding + full attention
 def test_activation_checkpointing_changes_nothing(arch_name, tokenizer, tmp_path):
-    from conftest import make_tiny
+    from tests.conftest import make_tiny
 
     plain, plain_logs = train(make_tiny(arch_name, tokenizer), tokenizer, tmp_path / "a")
     model = make_tiny(arch_name, tokenizer)
@@ -43,7 +43,7 @@ def test_activation_checkpointing_changes_nothing(arch_name, tokenizer, tmp_path
 
 
 def test_bf16_autocast_on_cpu(tokenizer, tmp_path):
-    from conftest import make_tiny
+    from tests.conftest import make_tiny
 
     _, fp32_logs = train(make_tiny("llama", tokenizer), tokenizer, tmp_path / "fp32")
     model = make_tiny("llama", tokenizer)
@@ -61,7 +61,7 @@ def test_bf16_autocast_on_cpu(tokenizer, tmp_path):
 
 def test_bf16_weights_train(tokenizer, tmp_path):
     """A model loaded in bfloat16 (--dtype bfloat16) trains in bf16 end to end; the exit losses are still fp32."""
-    from conftest import make_tiny
+    from tests.conftest import make_tiny
 
     model = make_tiny("llama", tokenizer, dtype=torch.bfloat16)
     before = model.model.layers[0].self_attn.q_proj.weight.detach().clone()

@@ -92,7 +92,7 @@ def aftermath(out: Path, result: tuple[int, str]) -> dict:
 @pytest.fixture(scope="module")
 def dropout_checkpoint(tmp_path_factory, tokenizer):
     """A tiny LLaMA folder whose attention dropout makes every step consume random numbers."""
-    from conftest import make_tiny
+    from tests.conftest import make_tiny
 
     path = tmp_path_factory.mktemp("tiny") / "llama-dropout"
     model = make_tiny("llama", tokenizer)
