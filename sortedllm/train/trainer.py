@@ -115,10 +115,14 @@ class SoFTTrainer(SFTTrainer):
         # As transformers' Trainer: the token count spans all ranks and DDP averages gradients across them.
         if self.args.average_tokens_across_devices and num_items_in_batch is not None:
             loss = loss * self.accelerator.num_processes
-        for k, v in result.per_exit.items():
-            self._metrics[mode][f"loss_exit_{k}"].append(self.accelerator.gather_for_metrics(v).mean().item())
-        for k, v in result.kl.items():
-            self._metrics[mode][f"kl_exit_{k}"].append(self.accelerator.gather_for_metrics(v).mean().item())
+        # Per-token means over all ranks: each rank's mean weighted by its label tokens (a plain mean of the ranks'
+        # means would not be the global batch's mean when ranks hold different numbers of tokens).
+        n = torch.tensor(float(result.num_tokens), device=loss.device)
+        total = self.accelerator.gather_for_metrics(n.reshape(1)).sum().clamp(min=1)
+        for prefix, values in (("loss_exit", result.per_exit), ("kl_exit", result.kl)):
+            for k, v in values.items():
+                summed = self.accelerator.gather_for_metrics((v.to(n.device) * n).reshape(1)).sum()
+                self._metrics[mode][f"{prefix}_{k}"].append((summed / total).item())
         return (loss, outputs) if return_outputs else loss
 
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False):

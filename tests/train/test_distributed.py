@@ -61,9 +61,9 @@ seed: 0
     return cfg
 
 
-def losses(folder: Path) -> list[float]:
+def losses(folder: Path, key: str = "loss") -> list[float]:
     state = json.loads((folder / f"checkpoint-{STEPS}" / "trainer_state.json").read_text())
-    return [h["loss"] for h in state["log_history"] if "loss" in h]
+    return [h[key] for h in state["log_history"] if key in h]
 
 
 def test_ddp_two_processes_match_one_process(run_yaml, tmp_path):
@@ -83,6 +83,9 @@ def test_ddp_two_processes_match_one_process(run_yaml, tmp_path):
     a, b = losses(tmp_path / "one"), losses(tmp_path / "two")
     assert len(a) == len(b) == STEPS and a[-1] < a[0]
     assert b == pytest.approx(a, rel=1e-5)
+    for k in (2, 6):  # each exit's logged per-token loss is the global batch's, not a mean of the ranks' means
+        assert losses(tmp_path / "two", f"loss_exit_{k}") == pytest.approx(losses(tmp_path / "one", f"loss_exit_{k}"),
+                                                                         rel=1e-5)
     wa = load_file(tmp_path / "one" / "final" / "model.safetensors")
     wb = load_file(tmp_path / "two" / "final" / "model.safetensors")
     assert wa.keys() == wb.keys()
