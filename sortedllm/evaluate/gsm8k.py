@@ -8,7 +8,7 @@ and "$1000" all equal 1000.
 from __future__ import annotations
 
 import re
-from decimal import Decimal, InvalidOperation
+from decimal import Decimal, InvalidOperation, localcontext
 
 from ..data import load_examples
 from ..errors import SortedError
@@ -31,8 +31,9 @@ def normalize_number(text: str | None) -> str | None:
         return None
     if not d.is_finite():
         return None
-    d = d.normalize()
-    return format(d.quantize(Decimal(1)) if d == d.to_integral_value() else d, "f")
+    with localcontext() as ctx:
+        ctx.prec = max(28, len(s) + 2)  # a degenerate reply can write a number longer than the default precision
+        return format(d.normalize(), "f")
 
 
 def extract_answer(text: str) -> str | None:

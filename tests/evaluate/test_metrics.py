@@ -17,6 +17,9 @@ from sortedllm.evaluate.judges import Item, pandalm_prompt, parse_verdict
     ("There are 0.5 liters left", "0.5"),
     ("no number here", None),
     ("#### none\nbut 5 apples", "5"),                    # nothing after ####: fall back to the last number
+    ("#### 100", "100"),
+    ("#### 0.000", "0"),
+    ("1" * 60 + ".50", "1" * 60 + ".5"),                 # a degenerate reply's huge number, kept exactly
 ])
 def test_gsm8k_extraction(reply, expected):
     assert gsm8k.extract_answer(reply) == expected
