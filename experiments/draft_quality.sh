@@ -55,6 +55,11 @@ stage_equal40() {  # the same 40 steps (configs/quickstart.yaml) with and withou
     train runs/distill40 --config configs/quickstart.yaml --distill_alpha 0.8
     evaluate draft-quality-40 --model runs/distill40/final --compare runs/quickstart/final --names soft-distill,soft \
         --tasks loss,agreement --limit "$LIMIT"
+    # The same with the last exit carrying half the loss (configs/draft-quality.yaml's weighting).
+    train runs/distill40w --config configs/quickstart.yaml --distill_alpha 0.8 --exit_schedule weights \
+        --exit_weights 1,1,1,1,1,1,1,7
+    evaluate draft-quality-40w --model runs/distill40w/final --names soft-distill-lastw --tasks loss,agreement \
+        --limit "$LIMIT"
 }
 
 case ${1:-} in
