@@ -606,7 +606,8 @@ def draft_section(res: dict | None, shown: str, v: Verdicts, figs: Path, rel: st
             png = plots.speedup(relabel(res), figs / "draft_speedup_by_draft_length.png")
             if png:
                 out += ["", f"![predicted speedup by draft length]({rel}/{png.name})"]
-        compare_claim(v, per_model, "soft-distill", "soft", metric, higher, f"{task} {metric}", None)
+        what = metric if metric.startswith(task) or task == "loss" else f"{task} {metric}"  # not "loss loss"
+        compare_claim(v, per_model, "soft-distill", "soft", metric, higher, what.replace("_", " "), None)
     return out + ["", f"Command: `{evaluate_command(res, shown)}`"]
 
 
