@@ -151,7 +151,7 @@ def test_accelerate_configs_are_valid(name, monkeypatch):
 
 def fsdp_steps(world: int, rank: int) -> dict:
     """Three AdamW steps of SoFT on 8 sequences, split over `world` FSDP2 ranks (world 1: no FSDP at all)."""
-    sys.path.insert(0, str(ROOT / "tests"))
+    sys.path.insert(0, str(ROOT))  # as pytest runs from the repository root: `tests.conftest`
     from tests.conftest import make_tiny
     from transformers import AutoTokenizer
 
