@@ -384,7 +384,8 @@ def tournament_section(b: Budget, v: Verdicts, figs: Path, rel: str) -> list[str
         if n_int:
             v.add("SoFT beats SFT at equal depth at every intermediate exit from 40% depth up (tournament)",
                   "yes" if wins == n_int else "no", f"{wins} of {n_int} exits with W > L",
-                  "SoFT wins at equal depth from layer 16 of 40 up", standing_from_count(wins, n_int))
+                  "SoFT wins at equal depth from layer 16 of 40 up",
+                  judge_standing(detail, standing_from_count(wins, n_int)))
     out += ["", "**Every SoFT exit against SoFT's own last layer**", ""]
     last = b.res.get("vs_last")
     if not last:
@@ -401,10 +402,22 @@ def tournament_section(b: Budget, v: Verdicts, figs: Path, rel: str) -> list[str
     if png:
         out += ["", f"![vs last]({rel}/{png.name})"]
     out += ["", b.source("vs_last")]
+    if detail["judge"]["name"] == "offline" and rows:
+        shallow = rows[0]
+        out += ["", f"*Caveat, read off these tables: the offline judge counts novel content, not correctness or "
+                    f"fluency, so the long degenerate text of a barely trained shallow exit can outscore a short "
+                    f"sensible answer (here exit {shallow[0]} against exit {shallow[1]}: {shallow[2]}, whose held-out "
+                    f"loss is far worse). Its tournament verdicts are therefore marked undecided; rerun with a model "
+                    f"judge (`--judge hf:<PandaLM-7B folder>` or `--judge openai:<model>`) for evidence.*"]
     v.add("SoFT's intermediate exits at least tie SoFT's last layer ((W-L)/n >= 0)",
           "yes" if ties == len(rows) and rows else "no", f"{ties} of {len(rows)} exits; " + ", ".join(
-              f"{r[0]}: {r[3]}" for r in rows), "-", "beyond the paper")
+              f"{r[0]}: {r[3]}" for r in rows), "-", judge_standing(detail, "beyond the paper"))
     return out
+
+
+def judge_standing(detail: dict, standing: str) -> str:
+    """The offline judge cannot tell fluent text from degenerate text: its tournaments decide nothing."""
+    return "undecided (offline judge)" if detail["judge"]["name"] == "offline" else standing
 
 
 def relabel(res: dict) -> dict:
