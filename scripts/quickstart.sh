@@ -5,5 +5,5 @@ cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 . .venv/bin/activate
 sortedllm train --config configs/quickstart.yaml "$@"
-sortedllm evaluate --model runs/quickstart/final --compare smollm2-135m --tasks loss --limit 100 \
+sortedllm evaluate --model runs/quickstart/final --compare smollm2-135m --names soft,untuned --tasks loss --limit 100 \
     --output_dir runs/quickstart/eval
