@@ -129,7 +129,6 @@ class Batch:
         self.ids, self.mask = left_pad(prompt_ids, self.pad, self.device)
         self.rows = list(range(len(prompt_ids)))  # original index of each live row
         self.out: list[list[int]] = [[] for _ in prompt_ids]
-        self.limit = max_new_tokens
         self.limits = list(limits) if limits is not None else [max_new_tokens] * len(prompt_ids)
         self.stop = stop
         self.rollback = rollback
@@ -143,9 +142,6 @@ class Batch:
     @property
     def size(self) -> int:
         return len(self.rows)
-
-    def prompt_positions(self) -> torch.Tensor:
-        return positions(self.mask)
 
     def feed(self, n: int) -> torch.Tensor:
         """Add n columns (new tokens for every live row); returns their position ids [B, n]."""
