@@ -17,7 +17,7 @@ cd "$(dirname "$0")/.."
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}   # one thread per job: two jobs share the 2 cores without thrashing
 RUNS=${RUNS:-runs/paper}
 OUT=experiments/results
-LIMIT=${LIMIT:-100}          # prompts per generation task
+LIMIT=${LIMIT:-60}           # prompts per generation task (60 fits the CPU budget of one session)
 
 train() {  # train <task> <mode> : SoFT / SFT on the task's paper config, resumable
     local task=$1 mode=$2 dir="$RUNS/$1-$2"

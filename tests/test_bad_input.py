@@ -110,7 +110,7 @@ TABLE = [
     Row("evaluate-judge-unknown", EVALUATE + " --tasks tournament --judge bogus",
         "unknown judge 'bogus': use offline, hf:<model folder or hub id> or openai:<model name>"),
     Row("evaluate-judge-missing-model", EVALUATE + " --tasks tournament --judge hf:{tmp}/no-judge",
-        "model path not found: "),
+        "no-judge: model path not found: "),
     Row("evaluate-data-file-task-not-chosen", EVALUATE + " --data_file gsm8k={bad_jsonl}",
         "--data_file names task 'gsm8k', which is not in --tasks (loss)"),
     Row("evaluate-data-file-which-task", EVALUATE + " --tasks gsm8k,triviaqa --data_file {bad_jsonl}",

@@ -105,7 +105,10 @@ class HFJudge:
 
         self.name = f"hf:{spec}"
         self.description = f"{spec} prompted with PandaLM's judge format (label token ranked first)"
-        self.model, self.tokenizer = load_model(spec, dtype=dtype)
+        try:
+            self.model, self.tokenizer = load_model(spec, dtype=dtype)
+        except SortedError as e:  # say which flag named the model: the evaluated model loads fine
+            raise SortedError(f"--judge hf:{spec}: {e}") from None
         self.batch_size = batch_size
         self.max_length = min(max_length, getattr(self.model.config, "max_position_embeddings", max_length) or
                               max_length)
