@@ -6,6 +6,7 @@
 #   bash experiments/draft_quality.sh eval       # loss + agreement vs SoFT -> experiments/results/draft-quality
 #   bash experiments/draft_quality.sh equal40    # SoFT vs SoFT+distill at 40 steps each -> .../draft-quality-40
 #   bash experiments/draft_quality.sh baseline   # optional: SoFT without distillation, same config and steps as train
+#   bash experiments/draft_quality.sh step 225   # recipe vs baseline, both at checkpoint-225 -> .../draft-quality-equal-225
 #   bash experiments/draft_quality.sh all        # train, eval, equal40
 #
 # Every stage skips work that is done: a training run whose final/ exists, an evaluation whose results.json exists
@@ -62,11 +63,19 @@ stage_equal40() {  # the same 40 steps (configs/quickstart.yaml) with and withou
         --limit "$LIMIT"
 }
 
+stage_step() {  # the recipe and its baseline at the same checkpoint: equal steps before either run has finished
+    local n=${1:?steps, e.g. 225} a="$DRAFT/checkpoint-$1" b="runs/draft-quality-soft/checkpoint-$1"
+    have "$a" && have "$b" || { echo "need $a and $b: run 'train' and 'baseline' past step $n" >&2; exit 1; }
+    evaluate "draft-quality-equal-$n" --model "$a" --compare "$b" --names soft-distill,soft --tasks loss,agreement \
+        --limit "$LIMIT"
+}
+
 case ${1:-} in
 train) stage_train ;;
 baseline) stage_baseline ;;
 eval) stage_eval ;;
 equal40) stage_equal40 ;;
+step) stage_step "${2:-}" ;;
 all) stage_train; stage_eval; stage_equal40 ;;
-*) echo "usage: $0 train|eval|equal40|baseline|all" >&2; exit 2 ;;
+*) echo "usage: $0 train|eval|equal40|baseline|step N|all" >&2; exit 2 ;;
 esac

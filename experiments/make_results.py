@@ -53,7 +53,8 @@ BUDGETS = [
      "dirs": {"loss": "gsm8k-accuracy", "gsm8k": "gsm8k-accuracy", "triviaqa": "gsm8k-triviaqa",
               "tournament": "gsm8k-tournament", "vs_last": "gsm8k-vs-last", "similarity": "gsm8k-similarity"}},
 ]
-DRAFT_QUALITY = "draft-quality-40"
+DRAFT_QUALITY = "draft-quality-40"            # equal steps at the quickstart budget (paper.sh eval quick)
+DRAFT_EQUAL = "draft-quality-equal-"          # + N: the recipe vs its no-distillation baseline at checkpoint N
 DRAFT_COLUMNS = {"loss": ["perplexity"], "agreement": ["best_speedup", "best_draft_length"]}  # beside the headline
 
 # The paper's published numbers (LLaMA-2 13B, 40 layers), from /work/shared/docs/method-notes.md.
@@ -594,7 +595,18 @@ def cost_section(rows: list | None, v: Verdicts) -> list[str]:
     return out
 
 
-def draft_section(res: dict | None, shown: str, v: Verdicts, figs: Path, rel: str) -> list[str]:
+def draft_runs(results_dir: Path) -> list[tuple[int, str]]:
+    """(steps, folder) of every equal-steps comparison on disk, fewest steps first."""
+    runs = [(40, DRAFT_QUALITY)] if (results_dir / DRAFT_QUALITY / "results.json").is_file() else []
+    for d in results_dir.glob(DRAFT_EQUAL + "*"):
+        if d.name[len(DRAFT_EQUAL):].isdigit() and (d / "results.json").is_file():
+            runs.append((int(d.name[len(DRAFT_EQUAL):]), d.name))
+    return sorted(runs)
+
+
+def draft_section(res: dict | None, shown: str, v: Verdicts | None, figs: Path, rel: str,
+                  tag: str = "") -> list[str]:
+    """One equal-steps comparison; `v` None leaves the verdict to another (longer) comparison."""
     if not res:
         return [f"*Not measured yet: `{shown}/results.json` is missing. Run `bash experiments/paper.sh eval quick` "
                 f"(needs `runs/distill40/final` from `bash experiments/paper.sh train quick`).*"]
@@ -612,15 +624,16 @@ def draft_section(res: dict | None, shown: str, v: Verdicts, figs: Path, rel: st
         rows = [[str(k)] + [fmt(value(per_model, n, k, c)) for c in cols for n in names]
                 for k in exits_of(per_model)]
         out += table(["exit"] + [f"{label(n)} {c}" for c in cols for n in names], rows)
-        png = plot_per_exit(per_model, task, metric, higher, figs / f"draft_{task.replace(':', '_')}.png")
+        png = plot_per_exit(per_model, task, metric, higher, figs / f"draft{tag}_{task.replace(':', '_')}.png")
         if png:
             out += ["", f"![{task}]({rel}/{png.name})"]
         if task == "agreement" and hasattr(plots, "speedup"):
-            png = plots.speedup(relabel(res), figs / "draft_speedup_by_draft_length.png")
+            png = plots.speedup(relabel(res), figs / f"draft{tag}_speedup_by_draft_length.png")
             if png:
                 out += ["", f"![predicted speedup by draft length]({rel}/{png.name})"]
         what = metric if metric.startswith(task) or task == "loss" else f"{task} {metric}"  # not "loss loss"
-        compare_claim(v, per_model, "soft-distill", "soft", metric, higher, what.replace("_", " "), None)
+        if v is not None:
+            compare_claim(v, per_model, "soft-distill", "soft", metric, higher, what.replace("_", " "), None)
     return out + ["", f"Command: `{evaluate_command(res, shown)}`"]
 
 
@@ -651,8 +664,13 @@ def build(results_dir: Path, bench_dir: Path, root: Path, figs: Path, rel: str, 
     out += ["## 4. Dynamic inference (the paper's table)", ""] + decode_section(load_json(bench_dir / "decode.json"), v)
     out += ["", "## 5. Training cost (SoFT vs SFT)", ""] + cost_section(load_json(bench_dir / "train.json"), v)
     out += ["", "## 6. Draft quality: SoFT + self-distillation vs SoFT at equal steps", ""]
-    out += draft_section(load_json(results_dir / DRAFT_QUALITY / "results.json"), f"{shown_results}/{DRAFT_QUALITY}",
-                         v, figs, rel)
+    runs = draft_runs(results_dir) or [(40, DRAFT_QUALITY)]
+    for steps, name in runs:  # the verdict comes from the longest comparison
+        if len(runs) > 1:
+            out += ["", f"### {steps} steps each", ""]
+        last = (steps, name) == runs[-1]
+        out += draft_section(load_json(results_dir / name / "results.json"), f"{shown_results}/{name}",
+                             v if last else None, figs, rel, "" if name == DRAFT_QUALITY else f"_{steps}")
     out += ["", "## Verdict", "",
             "Computed from the numbers above. Rules: a claim \"A beats B at every intermediate exit\" compares the "
             "exits before the last; *reproduces* when it holds at all of them, *partly reproduces* at more than half, "

@@ -157,3 +157,25 @@ def test_training_commands_are_the_ones_paper_sh_runs():
     script = (ROOT / "experiments" / "paper.sh").read_text()
     for name, (config, extra) in mr.QUICK_TRAIN.items():
         assert f"--config {' '.join([config] + extra)}" in script, name
+
+
+def test_longest_equal_steps_draft_comparison_gives_the_verdict(evaluated, tmp_path):
+    src, _ = evaluated
+    results = tmp_path / "results"
+    shutil.copytree(src, results)
+    longer = results / "draft-quality-equal-225"
+    shutil.copytree(results / "draft-quality-40", longer)
+    path = longer / "results.json"
+    res = json.loads(path.read_text())
+    loss = res["tasks"]["loss"]
+    for k in ("2", "4"):  # at 225 steps the distilled model wins at both intermediate exits; at 40 it need not
+        loss["soft-distill"][k]["loss"] = loss["soft"][k]["loss"] - 0.25
+    path.write_text(json.dumps(res))
+    md = render(results, tmp_path / "no-bench", tmp_path / "docs")
+    assert "### 40 steps each" in md and "### 225 steps each" in md
+    assert md.index("### 40 steps each") < md.index("### 225 steps each")
+    assert f"{loss['soft-distill']['2']['loss']:.3f}" in md
+    claim = "SoFT+distill beats SoFT at every intermediate exit on loss"
+    assert sum(line.startswith(f"| {claim} |") for line in md.splitlines()) == 1  # one verdict, the longest run's
+    assert verdict(md, claim)[1] == "yes"
+    assert (tmp_path / "docs" / "results" / "draft_225_loss.png").read_bytes().startswith(PNG)
