@@ -30,7 +30,7 @@ train_ict() {  # SFT+ICT: heads per exit on the frozen SFT model
     local task=$1 dir="$RUNS/$1-sft-ict"
     [ -f "$dir/final/sorted_config.json" ] && { echo "have $dir/final"; return; }
     sortedllm train --config experiments/configs/paper-ict.yaml --data "$task" --base "$RUNS/$task-sft/final" \
-        --max_length 256 --output_dir "$dir" --resume auto
+        --max_length 256 --output_dir "$dir"   # ICT trains heads only, one short epoch: no --resume
 }
 
 evaluate() {  # evaluate <name> <args...> : skipped when its results.json exists
