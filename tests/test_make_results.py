@@ -179,3 +179,18 @@ def test_longest_equal_steps_draft_comparison_gives_the_verdict(evaluated, tmp_p
     assert sum(line.startswith(f"| {claim} |") for line in md.splitlines()) == 1  # one verdict, the longest run's
     assert verdict(md, claim)[1] == "yes"
     assert (tmp_path / "docs" / "results" / "draft_225_loss.png").read_bytes().startswith(PNG)
+
+
+def test_a_budget_shows_only_the_experiments_it_runs(evaluated, tmp_path):
+    src, _ = evaluated
+    results = tmp_path / "results"
+    shutil.copytree(src, results)
+    md = render(results, tmp_path / "no-bench", tmp_path / "a")
+    assert "*Longer budget (Alpaca): not run yet (`bash experiments/paper.sh all alpaca`).*" in md
+    assert "*Longer budget (TriviaQA): not run yet (`bash experiments/paper.sh all triviaqa`).*" in md
+    shutil.copytree(results / "quick-loss", results / "alpaca-loss")  # Alpaca tuning is judged by loss, not GSM8K
+    md = render(results, tmp_path / "no-bench", tmp_path / "b")
+    alpaca = md[md.index("## Longer budget (Alpaca)"):md.index("## Quickstart budget")]
+    assert "**Held-out loss" in alpaca and "GSM8K accuracy" not in alpaca and "TriviaQA exact match" not in alpaca
+    assert "experiments/configs/paper-alpaca.yaml --mode soft --output_dir runs/paper/alpaca-soft" in alpaca
+    assert verdict(md, "(alpaca) SoFT beats SFT at every intermediate exit on held-out loss")[1] in ("yes", "no")
