@@ -38,18 +38,18 @@ QUICK_TRAIN = {
     "soft-lora": ("configs/lora.yaml", []),
     "soft-distill": ("configs/quickstart.yaml", ["--distill_alpha", "0.8", "--output_dir", "runs/distill40"]),
 }
-GSM8K_TRAIN = {
-    "soft": ("experiments/configs/paper-gsm8k.yaml", ["--mode", "soft", "--output_dir", "runs/paper/gsm8k-soft"]),
-    "sft": ("experiments/configs/paper-gsm8k.yaml", ["--mode", "sft", "--output_dir", "runs/paper/gsm8k-sft"]),
-    "sft-ict": ("experiments/configs/paper-ict.yaml", ["--data", "gsm8k", "--base", "runs/paper/gsm8k-sft/final",
-                                                       "--max_length", "256", "--output_dir",
-                                                       "runs/paper/gsm8k-sft-ict"]),
-}
+
+
 def paper_train(task: str) -> dict:
-    """The training commands `paper.sh train <task>` runs for the Alpaca and TriviaQA budgets (SoFT and SFT)."""
+    """The SoFT and SFT trainings `paper.sh train <task>` runs for a longer budget (config, extra args)."""
     cfg = f"experiments/configs/paper-{task}.yaml"
     return {mode: (cfg, ["--mode", mode, "--output_dir", f"runs/paper/{task}-{mode}"]) for mode in ("soft", "sft")}
 
+
+GSM8K_TRAIN = {**paper_train("gsm8k"),
+               "sft-ict": ("experiments/configs/paper-ict.yaml", ["--data", "gsm8k", "--base",
+                                                                  "runs/paper/gsm8k-sft/final", "--max_length", "256",
+                                                                  "--output_dir", "runs/paper/gsm8k-sft-ict"])}
 
 BUDGETS = [
     # the longest budget first: it is the one the issue asks for (several hundred steps)
@@ -617,8 +617,9 @@ def draft_runs(results_dir: Path) -> list[tuple[int, str]]:
     """(steps, folder) of every equal-steps comparison on disk, fewest steps first."""
     runs = [(40, DRAFT_QUALITY)] if (results_dir / DRAFT_QUALITY / "results.json").is_file() else []
     for d in results_dir.glob(DRAFT_EQUAL + "*"):
-        if d.name[len(DRAFT_EQUAL):].isdigit() and (d / "results.json").is_file():
-            runs.append((int(d.name[len(DRAFT_EQUAL):]), d.name))
+        steps = d.name[len(DRAFT_EQUAL):]
+        if steps.isdigit() and (d / "results.json").is_file():
+            runs.append((int(steps), d.name))
     return sorted(runs)
 
 
