@@ -82,3 +82,13 @@ def test_evaluate_bad_exit_and_task(tiny_checkpoint, capsys):
 def test_unknown_command(capsys):
     assert main(["frobnicate"]) == 2
     assert "unknown command" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("command", ["train", "evaluate", "export", "generate"])
+def test_every_command_has_help(command, capsys):
+    """Error messages send users to `sortedllm <command> --help`: it must print the options, not fail."""
+    with pytest.raises(SystemExit) as done:
+        main([command, "--help"])
+    assert done.value.code == 0
+    out = capsys.readouterr().out
+    assert out.startswith("usage: sortedllm") and "--model" in out

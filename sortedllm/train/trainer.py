@@ -25,8 +25,9 @@ MODES = ("soft", "sft", "ict")
 class SoFTConfig(SFTConfig):
     """SFTConfig plus the exits and how they are weighted. Paper defaults: lr 2e-5, cosine schedule."""
 
+    # no percent sign in help texts: argparse reads it as a format and `--help` fails
     exits: str | None = field(default=None, metadata={
-        "help": "Exit layers: a list like 9,18,30, 'every:3' or 'count:8' (default count:8 from 30% depth)."})
+        "help": "Exit layers: a list like 9,18,30, 'every:3' or 'count:8' (default count:8 from 30 percent depth)."})
     mode: str = field(default="soft", metadata={
         "help": "soft (mean loss over all exits), sft (last exit only: the paper's SFT baseline) or ict (per-exit "
                 "heads on the frozen --base model: the paper's SFT+ICT baseline, or ICT after SoFT)."})
