@@ -7,6 +7,8 @@
 #   bash experiments/draft_quality.sh equal40    # SoFT vs SoFT+distill at 40 steps each -> .../draft-quality-40
 #   bash experiments/draft_quality.sh baseline   # optional: SoFT without distillation, same config and steps as train
 #   bash experiments/draft_quality.sh step 225   # recipe vs baseline, both at checkpoint-225 -> .../draft-quality-equal-225
+#   bash experiments/draft_quality.sh onpolicy   # 60 more steps from checkpoint-225, distilling on the model's own
+#                                                # answers -> .../draft-quality-onpolicy
 #   bash experiments/draft_quality.sh all        # train, eval, equal40
 #
 # Every stage skips work that is done: a training run whose final/ exists, an evaluation whose results.json exists
@@ -70,12 +72,40 @@ stage_step() {  # the recipe and its baseline at the same checkpoint: equal step
         --limit "$LIMIT"
 }
 
+stage_onpolicy() {  # distil on the model's own greedy answers, where `agreement` is measured, not on the references
+    local from=${FROM:-$DRAFT/checkpoint-225} data=runs/onpolicy dir=runs/onpolicy/distill
+    have "$from" || { echo "need $from: run 'train' past step 225 (or set FROM=...)" >&2; exit 1; }
+    mkdir -p "$data"
+    if [ ! -f "$data/train.jsonl" ]; then
+        # 320 GSM8K training questions the recipe never saw: the built-in copy holds the first 1,000 of the 7,473 in
+        # ../shared/data (this machine's copy of the full split; GSM8K_TRAIN= points elsewhere).
+        python -c 'import json, sys; seen = {json.loads(l)["question"] for l in open(sys.argv[2])}
+rows = [json.loads(l) for l in open(sys.argv[1])]
+fresh = [r["question"] for r in rows if r["question"] not in seen][:320]
+print("\n".join(json.dumps({"prompt": q}) for q in fresh))' "${GSM8K_TRAIN:-../shared/data/gsm8k/train.jsonl}" \
+            sortedllm/data/builtin/gsm8k/train.jsonl > "$data/prompts.jsonl"
+        sortedllm generate --model "$from" --prompts_file "$data/prompts.jsonl" --jsonl --batch_size 16 \
+            --max_new_tokens 256 --threads 1 > "$data/gen.jsonl"
+        # keep the answers that ended on their own (a reply cut at 256 tokens would teach an end-of-turn mid-answer)
+        python -c 'import json, sys; rows = [json.loads(l) for l in open(sys.argv[1])]
+print("\n".join(json.dumps({"prompt": r["prompt"], "completion": r["text"]}) for r in rows
+                if r["finish_reason"] == "stop"))' "$data/gen.jsonl" > "$data/train.jsonl.tmp"
+        mv "$data/train.jsonl.tmp" "$data/train.jsonl"
+    fi
+    # alpha 1: the students learn only the last layer's distribution; the last exit keeps its cross-entropy (weight 7)
+    train "$dir" --config configs/draft-quality.yaml --model "$from" --data "$data/train.jsonl" --distill_alpha 1.0 \
+        --max_steps 60 --learning_rate 1e-4 --warmup_steps 0 --save_steps 20
+    evaluate draft-quality-onpolicy --model "$dir/final" --compare "$from" --names onpolicy-285,distill-225 \
+        --tasks loss,agreement --limit "$LIMIT"
+}
+
 case ${1:-} in
 train) stage_train ;;
 baseline) stage_baseline ;;
 eval) stage_eval ;;
 equal40) stage_equal40 ;;
 step) stage_step "${2:-}" ;;
+onpolicy) stage_onpolicy ;;
 all) stage_train; stage_eval; stage_equal40 ;;
-*) echo "usage: $0 train|eval|equal40|baseline|step N|all" >&2; exit 2 ;;
+*) echo "usage: $0 train|eval|equal40|baseline|step N|onpolicy|all" >&2; exit 2 ;;
 esac

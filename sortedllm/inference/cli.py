@@ -170,7 +170,7 @@ def main(argv: list[str]) -> int:
                     temperature=a.temperature, top_p=a.top_p, top_k=a.top_k, seed=a.seed, **kwargs)
     for i, (prompt, g) in enumerate(zip(prompts, gens)):
         if a.jsonl:
-            row = {"prompt": prompt, "text": g.text, "new_tokens": len(g.token_ids)}
+            row = {"prompt": prompt, "text": g.text, "new_tokens": len(g.token_ids), "finish_reason": g.finish_reason}
             if "exit_layers" in g.stats:
                 row["mean_exit"] = sum(g.stats["exit_layers"]) / max(len(g.stats["exit_layers"]), 1)
             print(json.dumps(row, ensure_ascii=False), flush=True)

@@ -22,6 +22,7 @@ def test_strategies_and_output_formats(tiny_checkpoint, tmp_path, capsys):
     assert code == 0, err
     full = [json.loads(line) for line in out.splitlines()]
     assert [r["prompt"] for r in full] == ["What is 2+3?", "Name a color."] and all(r["new_tokens"] == 6 for r in full)
+    assert all(r["finish_reason"] == "length" for r in full)  # lets a script keep only finished replies
     assert "tokens/s" in err and "tokens/s" not in out
     code, out, err = run(capsys, *base, "--speculative", 3, "--draft_vocab", 0)
     assert code == 0 and [json.loads(line)["text"] for line in out.splitlines()] == [r["text"] for r in full]
