@@ -4,7 +4,7 @@
 #   bash experiments/paper.sh train quick      # the quickstart budget: SoFT, SFT, SFT+ICT, SoFT+ICT, SoFT+LoRA,
 #                                              # SoFT+distill, 40 steps each on the same 160 GSM8K rows
 #   bash experiments/paper.sh eval quick       # -> experiments/results/quick-*/ and draft-quality-40/results.json
-#   bash experiments/paper.sh train gsm8k      # longer budget (250 steps): SoFT, SFT, SFT+ICT; resumable
+#   bash experiments/paper.sh train gsm8k      # longer budget (250 steps): SoFT, SFT, SFT+ICT; resumable (ICT restarts)
 #   bash experiments/paper.sh eval gsm8k       # per-exit evaluations -> experiments/results/gsm8k-*/results.json
 #   bash experiments/paper.sh all gsm8k        # both
 #   bash experiments/paper.sh report           # docs/results.md + docs/results/*.png from the JSON files
@@ -44,7 +44,7 @@ train_task() {
     train "$task" soft & local soft=$!   # SoFT and SFT side by side, one core each
     train "$task" sft
     wait "$soft"
-    if [ "$task" = gsm8k ]; then train_ict gsm8k; fi
+    train_ict "$task"
 }
 
 eval_task() {
@@ -56,11 +56,12 @@ eval_task() {
         evaluate gsm8k-triviaqa --model "$soft" --compare "$sft" --names soft,sft --tasks triviaqa --limit "$LIMIT"
         ;;
     alpaca)
-        evaluate alpaca-loss --model "$soft" --compare "$sft" --names soft,sft --tasks loss --limit 200
+        evaluate alpaca-loss --model "$soft" --compare "$sft,$RUNS/alpaca-sft-ict/final" --names soft,sft,sft-ict \
+            --tasks loss --limit 200
         ;;
     triviaqa)
-        evaluate triviaqa-accuracy --model "$soft" --compare "$sft" --names soft,sft --tasks loss,triviaqa \
-            --limit "$LIMIT"
+        evaluate triviaqa-accuracy --model "$soft" --compare "$sft,$RUNS/triviaqa-sft-ict/final" \
+            --names soft,sft,sft-ict --tasks loss,triviaqa --limit "$LIMIT"
         ;;
     esac
     # The paper's tournaments (PandaLM prompts, offline judge): SoFT exit k vs SFT exit k (both orders), and every

@@ -186,11 +186,18 @@ def test_a_budget_shows_only_the_experiments_it_runs(evaluated, tmp_path):
     results = tmp_path / "results"
     shutil.copytree(src, results)
     md = render(results, tmp_path / "no-bench", tmp_path / "a")
-    assert "*Longer budget (Alpaca): not run yet (`bash experiments/paper.sh all alpaca`).*" in md
-    assert "*Longer budget (TriviaQA): not run yet (`bash experiments/paper.sh all triviaqa`).*" in md
+    assert "*Longer budget (Alpaca, 250 steps): not run yet (`bash experiments/paper.sh all alpaca`).*" in md
+    assert "*Longer budget (TriviaQA, 250 steps): not run yet (`bash experiments/paper.sh all triviaqa`).*" in md
     shutil.copytree(results / "quick-loss", results / "alpaca-loss")  # Alpaca tuning is judged by loss, not GSM8K
     md = render(results, tmp_path / "no-bench", tmp_path / "b")
-    alpaca = md[md.index("## Longer budget (Alpaca)"):md.index("## Quickstart budget")]
+    alpaca = md[md.index("## Longer budget (Alpaca, 250 steps)"):md.index("## Quickstart budget")]
     assert "**Held-out loss" in alpaca and "GSM8K accuracy" not in alpaca and "TriviaQA exact match" not in alpaca
+    assert "### 1. SoFT vs SFT vs SFT+ICT at every exit" in alpaca
+    res = json.loads((results / "alpaca-loss" / "results.json").read_text())  # SFT+ICT not evaluated (yet)
+    del res["models"]["sft-ict"], res["tasks"]["loss"]["sft-ict"]
+    (results / "alpaca-loss" / "results.json").write_text(json.dumps(res))
+    md = render(results, tmp_path / "no-bench", tmp_path / "c")
+    alpaca = md[md.index("## Longer budget (Alpaca, 250 steps)"):md.index("## Quickstart budget")]
+    assert "### 1. SoFT vs SFT at every exit" in alpaca and "SFT+ICT" not in alpaca.split("### 2.")[0].split("###")[-1]
     assert "experiments/configs/paper-alpaca.yaml --mode soft --output_dir runs/paper/alpaca-soft" in alpaca
     assert verdict(md, "(alpaca) SoFT beats SFT at every intermediate exit on held-out loss")[1] in ("yes", "no")
