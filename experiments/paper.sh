@@ -26,11 +26,12 @@ train() {  # train <task> <mode> : SoFT / SFT on the task's paper config, resuma
         --resume auto
 }
 
-train_ict() {  # SFT+ICT: heads per exit on the frozen SFT model
-    local task=$1 dir="$RUNS/$1-sft-ict"
+train_ict() {  # SFT+ICT: heads per exit on the frozen SFT model, on the same rows cut at the same length as SoFT/SFT
+    local task=$1 dir="$RUNS/$1-sft-ict" len
     [ -f "$dir/final/sorted_config.json" ] && { echo "have $dir/final"; return; }
+    len=$(sed -n 's/^max_length: *//p' "experiments/configs/paper-$task.yaml")
     sortedllm train --config experiments/configs/paper-ict.yaml --data "$task" --base "$RUNS/$task-sft/final" \
-        --max_length 256 --output_dir "$dir"   # ICT trains heads only, one short epoch: no --resume
+        --max_length "$len" --output_dir "$dir"   # ICT trains heads only, one short epoch: no --resume
 }
 
 evaluate() {  # evaluate <name> <args...> : skipped when its results.json exists
