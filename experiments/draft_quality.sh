@@ -73,8 +73,8 @@ stage_step() {  # the recipe and its baseline at the same checkpoint: equal step
 }
 
 stage_onpolicy() {  # distil on the model's own greedy answers, where `agreement` is measured, not on the references
-    local from=${FROM:-$DRAFT/checkpoint-225} data=runs/onpolicy dir=runs/onpolicy/distill
-    have "$from" || { echo "need $from: run 'train' past step 225 (or set FROM=...)" >&2; exit 1; }
+    local from=$DRAFT/checkpoint-225 data=runs/onpolicy dir=runs/onpolicy/distill  # the names below say 225 and 285
+    have "$from" || { echo "need $from: run 'train' past step 225" >&2; exit 1; }
     mkdir -p "$data"
     if [ ! -f "$data/train.jsonl" ]; then
         # 320 GSM8K training questions the recipe never saw: the built-in copy holds the first 1,000 of the 7,473 in
