@@ -687,7 +687,7 @@ def build(results_dir: Path, bench_dir: Path, root: Path, figs: Path, rel: str, 
     runs = draft_runs(results_dir) or [(40, DRAFT_QUALITY)]
     for steps, name in runs:  # the verdict comes from the longest comparison
         if len(runs) > 1:
-            out += ["", f"### {steps} steps each", ""]
+            out += ([""] if out[-1] else []) + [f"### {steps} steps each"]  # draft_section opens with a blank
         last = (steps, name) == runs[-1]
         out += draft_section(load_json(results_dir / name / "results.json"), f"{shown_results}/{name}",
                              v if last else None, figs, rel, "" if name == DRAFT_QUALITY else f"_{steps}")

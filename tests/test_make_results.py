@@ -174,6 +174,7 @@ def test_longest_equal_steps_draft_comparison_gives_the_verdict(evaluated, tmp_p
     md = render(results, tmp_path / "no-bench", tmp_path / "docs")
     assert "### 40 steps each" in md and "### 225 steps each" in md
     assert md.index("### 40 steps each") < md.index("### 225 steps each")
+    assert "\n\n\n" not in md  # one blank line between blocks, as a hand-written page
     assert f"{loss['soft-distill']['2']['loss']:.3f}" in md
     claim = "SoFT+distill beats SoFT at every intermediate exit on loss"
     assert sum(line.startswith(f"| {claim} |") for line in md.splitlines()) == 1  # one verdict, the longest run's
