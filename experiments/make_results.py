@@ -44,7 +44,7 @@ def paper_train(task: str) -> dict:
     """The SoFT, SFT and SFT+ICT trainings `paper.sh train <task>` runs for a longer budget (config, extra args)."""
     cfg = f"experiments/configs/paper-{task}.yaml"
     runs = {mode: (cfg, ["--mode", mode, "--output_dir", f"runs/paper/{task}-{mode}"]) for mode in ("soft", "sft")}
-    length = yaml.safe_load((Path(__file__).parent / "configs" / f"paper-{task}.yaml").read_text())["max_length"]
+    length = yaml.safe_load((ROOT / cfg).read_text())["max_length"]
     runs["sft-ict"] = ("experiments/configs/paper-ict.yaml", ["--data", task, "--base", f"runs/paper/{task}-sft/final",
                                                               "--max_length", str(length), "--output_dir",
                                                               f"runs/paper/{task}-sft-ict"])
