@@ -9,6 +9,8 @@
 #   bash experiments/draft_quality.sh step 225   # recipe vs baseline, both at checkpoint-225 -> .../draft-quality-equal-225
 #   bash experiments/draft_quality.sh onpolicy   # 60 more steps from checkpoint-225, distilling on the model's own
 #                                                # answers -> .../draft-quality-onpolicy
+#   bash experiments/draft_quality.sh oracle     # early-exit ceiling of the recipe on GSM8K, TriviaQA and PandaLM
+#                                                # prompts -> .../early-exit-oracle-<task> (docs/evaluation.md)
 #   bash experiments/draft_quality.sh all        # train, eval, equal40
 #
 # Every stage skips work that is done: a training run whose final/ exists, an evaluation whose results.json exists
@@ -99,6 +101,14 @@ print("\n".join(json.dumps({"prompt": r["prompt"], "completion": r["text"]}) for
         --tasks loss,agreement --limit "$LIMIT"
 }
 
+stage_oracle() {  # the best any confidence early-exit rule could do with the recipe's exits, per task (issue 5)
+    have "$DRAFT/final" || { echo "no $DRAFT/final yet: run '$0 train' first" >&2; exit 1; }
+    for task in gsm8k triviaqa pandalm; do
+        evaluate "early-exit-oracle-$task" --model "$DRAFT/final" --names draft-quality --tasks agreement \
+            --data_file "agreement=$task:test" --limit "$LIMIT"
+    done
+}
+
 case ${1:-} in
 train) stage_train ;;
 baseline) stage_baseline ;;
@@ -106,6 +116,7 @@ eval) stage_eval ;;
 equal40) stage_equal40 ;;
 step) stage_step "${2:-}" ;;
 onpolicy) stage_onpolicy ;;
+oracle) stage_oracle ;;
 all) stage_train; stage_eval; stage_equal40 ;;
-*) echo "usage: $0 train|eval|equal40|baseline|step N|onpolicy|all" >&2; exit 2 ;;
+*) echo "usage: $0 train|eval|equal40|baseline|step N|onpolicy|oracle|all" >&2; exit 2 ;;
 esac

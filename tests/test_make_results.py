@@ -53,6 +53,8 @@ def evaluated(tmp_path_factory, tiny_checkpoint, tokenizer):
                              "soft,sft,untuned", "--tasks", "similarity", "--limit", "2", "--positions", "3"],
         "draft-quality-40": ["--model", ck["sft"], "--compare", ck["soft"], "--names", "soft-distill,soft",
                              "--tasks", "loss", "--limit", "2"],
+        "early-exit-oracle-gsm8k": ["--model", ck["soft"], "--names", "draft-quality", "--tasks", "agreement",
+                                    "--data_file", "agreement=gsm8k:test", "--limit", "2", "--max_new_tokens", "4"],
     }
     for name, argv in runs.items():
         assert main(["evaluate", *argv, "--output_dir", str(results / name), "--no_progress"]) == 0
@@ -94,8 +96,9 @@ def test_report_from_real_evaluations(evaluated, tmp_path):
     assert row[4] == {2: "reproduces", 1: "does not reproduce", 0: "does not reproduce"}[better]
 
     # Each table cites the command that made it, rebuilt from results.json: it is the command that ran.
-    for name, argv in runs.items():
-        assert f"Command: `sortedllm evaluate {' '.join(argv)} --output_dir {results}/{name}`" in md
+    for name, argv in runs.items():  # (the oracle's is cited after the script that runs it, once per task)
+        lead = "which runs " if name.startswith("early-exit-oracle") else "Command: "
+        assert f"{lead}`sortedllm evaluate {' '.join(argv)} --output_dir {results}/{name}`" in md
 
     # Missing results: the section names the command, nothing crashes.
     assert "`" + f"{results}/quick-triviaqa/results.json` is missing. Run `bash experiments/paper.sh eval quick`" in md
@@ -111,6 +114,17 @@ def test_report_from_real_evaluations(evaluated, tmp_path):
     # Tournament and the draft-quality section (generic per-exit table of any task).
     assert "| exit | SoFT k vs SFT k: W/L/T | (W-L)/n |" in md and "**Every SoFT exit against" in md
     assert "| exit | SoFT+distill loss | SoFT loss |" in md
+
+    # The early-exit ceiling: the oracle's numbers per task, its verdict from them; tasks not measured are left out.
+    oracle = json.loads((results / "early-exit-oracle-gsm8k" / "results.json").read_text())
+    rows = oracle["details"]["agreement"]["oracle_early_exit"]["draft-quality"]
+    cells = " | ".join(f"exit {r['mean_exit']:.1f}, {r['speedup']:.2f}x" for r in rows)
+    exits = oracle["tasks"]["agreement"]["draft-quality"]
+    best = max((m["best_speedup"], k, m["best_draft_length"]) for k, m in exits.items() if m["best_speedup"])
+    cells += f" | {exits['2']['top1_agreement']:.3f} | {best[0]:.2f}x (exit {best[1]}, g = {best[2]}) |"
+    assert f"| GSM8K | 2 x <= 4 | {cells}" in md and "| TriviaQA |" not in md.split("### Early-exit ceiling")[1].split("## 5.")[0]
+    row = verdict(md, "Early-exit ceiling (oracle, 95% token agreement) reaches the issue's 1.5x on every task")
+    assert row[1] == ("yes" if rows[1]["speedup"] >= 1.5 else "no") and row[2] == f"GSM8K: {rows[1]['speedup']:.2f}x"
 
     # Benchmarks beside the paper, when their JSON exists.
     if (bench / "decode.json").exists():

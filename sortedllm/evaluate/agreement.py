@@ -16,6 +16,11 @@ at the step costs measured on this machine.
    head) and `t_verify(g)` (g + 1 tokens through layers k+1..L + the full head); a plain step `t_full` is one token
    through all L layers + the full head. Predicted speedup(g) = (accepted(g) + 1) x t_full /
    (g x t_draft + t_feed + t_verify(g)).
+5. The same runs bound confidence early exit from above (`oracle_early_exit` in the task's details): an oracle that
+   stops every position at the shallowest exit whose token is the last layer's, paying that exit's static step
+   (`t_exit`: layers 1..k + the full head) and nothing for confidence checks or the skipped layers' KV. No real
+   rule can be faster at that agreement; at a lower target agreement a, the oracle spends its (1 - a) share of
+   wrong tokens where they save the most (those positions stop at the cheapest exit).
 
 Written by hand: no library measures per-position agreement runs of a model's own sub-models, nor prices our
 shared-cache speculation round.
@@ -38,6 +43,7 @@ DEFAULT_DATA = "gsm8k:test"
 MAX_NEW_TOKENS = 256  # as the gsm8k task, so `--tasks gsm8k,agreement` generates the last layer's answers once
 MAX_DRAFT = 8
 ROUNDS = 5  # timed rounds (after one warm-up round)
+ORACLE_AGREEMENT = (1.0, 0.95, 0.9)  # target token agreements the early-exit oracle is priced at
 CHUNK = 512  # positions per head call (a [CHUNK, vocab] logits tile)
 
 
@@ -171,12 +177,14 @@ def step_costs(sm, context: list[int], exits: list[int], draft_vocab: int | None
         small = draft_ids(sm, k, draft_vocab) is not None
         ops[("draft", k)] = piece(0, k, 1, restricted_head(sm, k, draft_vocab) if small else head_k, norm_k)
         ops[("feed", k)] = piece(0, k, 1)
+        ops[("exit", k)] = piece(0, k, 1, head_k, norm_k)
         for g in range(1, max_draft + 1):
             ops[("verify", k, g)] = piece(k, L, g + 1, head_l, norm_l)
     order = []
     for k in exits:
         if k < L:
-            order += [("full",), ("draft", k), ("feed", k)] + [("verify", k, g) for g in range(1, max_draft + 1)]
+            order += [("full",), ("draft", k), ("feed", k), ("exit", k)] + [("verify", k, g)
+                                                                             for g in range(1, max_draft + 1)]
     order = order or [("full",)]
     times: dict = {key: [] for key in ops}
     for r in range(rounds + 1):
@@ -195,9 +203,32 @@ def speedups(accepted: list[float | None], t_full: float, t_draft: float, t_feed
             for g, a in enumerate(accepted, start=1)]
 
 
+def oracle_early_exit(top1: dict[int, list[list[bool]]], exit_ms: dict[int, float],
+                      targets=ORACLE_AGREEMENT) -> list[dict]:
+    """Upper bound for per-token early exit on these runs (module docstring, step 5). `top1[k][i][j]`: exit k's token
+    is the last layer's at position j of answer i (the last exit always is); `exit_ms[k]`: static step cost of exit
+    k, the last exit's being the plain step. One row per target agreement: mean exit layer, speedup over plain."""
+    exits = sorted(exit_ms)
+    L = exits[-1]
+    cheapest = min(exits, key=lambda k: exit_ms[k])
+    right = [next(k for k in exits if k == L or top1[k][i][j])  # the shallowest exit that gets position j right
+             for i in range(len(top1[L])) for j in range(len(top1[L][i]))]
+    if not right:
+        return []
+    gain = sorted(right, key=lambda k: exit_ms[k], reverse=True)  # most to save by stopping at `cheapest` first
+    rows = []
+    for a in targets:
+        wrong = int((1 - a) * len(right) + 1e-9)
+        stops = [cheapest] * wrong + gain[wrong:]
+        rows.append({"agreement": a, "mean_exit": sum(stops) / len(stops),
+                     "speedup": len(stops) * exit_ms[L] / sum(exit_ms[k] for k in stops)})
+    return rows
+
+
 def measure_model(sm, prompt_ids: list[list[int]], continuations: list[list[int]], exits: list[int], *,
-                  draft_vocab: int | None, batch_size: int, rounds: int, progress: bool = False) -> tuple[dict, dict]:
-    """Per-exit metrics ({exit: {...}}) and the model's timing details."""
+                  draft_vocab: int | None, batch_size: int, rounds: int,
+                  progress: bool = False) -> tuple[dict, dict, list[dict]]:
+    """Per-exit metrics ({exit: {...}}), the model's timing details and its early-exit oracle rows."""
     L = sm.num_layers
     runs = agreement_runs(sm, prompt_ids, continuations, exits, draft_vocab=draft_vocab, batch_size=batch_size,
                           progress=progress)
@@ -221,13 +252,14 @@ def measure_model(sm, prompt_ids: list[list[int]], continuations: list[list[int]
             best = max(range(MAX_DRAFT), key=lambda i: sp[i] if sp[i] is not None else -1.0)
             m.update(speedup_by_draft_length=sp, best_draft_length=best + 1 if sp[best] is not None else None,
                      best_speedup=sp[best], t_draft_ms=1e3 * cost[("draft", k)], t_feed_ms=1e3 * cost[("feed", k)],
-                     t_verify_ms_by_draft_length=[1e3 * t for t in t_verify])
+                     t_verify_ms_by_draft_length=[1e3 * t for t in t_verify], t_exit_ms=1e3 * cost[("exit", k)])
         else:  # the last layer verifies; it is no draft
             m.update(speedup_by_draft_length=None, best_draft_length=None, best_speedup=None)
         out[k] = m
     timing = {"t_full_ms": 1e3 * t_full, "context_tokens": len(context), "rounds": rounds,
               "teacher_forced_matches_generation": runs["greedy"]}
-    return out, timing
+    exit_ms = {k: 1e3 * cost[("exit", k)] for k in exits if k < L} | {L: 1e3 * t_full}
+    return out, timing, oracle_early_exit(runs["top1"], exit_ms)
 
 
 def run(ctx, name: str, rows: list[dict]) -> dict:
@@ -238,17 +270,17 @@ def run(ctx, name: str, rows: list[dict]) -> dict:
     rounds = int(ctx.options.get("timing_rounds", ROUNDS))
     draft_vocab = ctx.options.get("draft_vocab", Speculative.draft_vocab)
     prompts = [r["prompt"] for r in rows]
-    out, timing = {}, {}
+    out, timing, oracle = {}, {}, {}
     for model, exits in ctx.exits.items():
         sm = ctx.models[model]
         gens = ctx.generate(model, sm.num_layers, prompts, n_new, name)
         ctx.record(name, model, sm.num_layers, rows, gens)
-        out[model], timing[model] = measure_model(sm, encode_prompts(sm, prompts), [g.token_ids for g in gens],
+        out[model], timing[model], oracle[model] = measure_model(sm, encode_prompts(sm, prompts), [g.token_ids for g in gens],
                                                   exits, draft_vocab=draft_vocab, batch_size=ctx.batch_size,
                                                   rounds=rounds, progress=ctx.progress)
     ctx.details[name] = {"data": ctx.data.get(name, DEFAULT_DATA), "n_prompts": len(rows), "max_new_tokens": n_new,
                          "draft_lengths": list(range(1, MAX_DRAFT + 1)), "draft_vocab": draft_vocab,
                          "reference": "last layer of the same model, teacher-forced on its own greedy answers",
                          "clock": "CPU time (time.process_time), median over rounds, batch of one",
-                         "torch_threads": torch.get_num_threads(), "timing": timing}
+                         "torch_threads": torch.get_num_threads(), "timing": timing, "oracle_early_exit": oracle}
     return out

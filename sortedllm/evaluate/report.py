@@ -85,6 +85,13 @@ def agreement_section(results: dict, detail: dict) -> list[str]:
                      for a, s in zip(m["accepted_by_draft_length"], sp)]
             lines.append(f"| {k} | {_fmt(m.get('t_draft_ms'))} | " + " | ".join(cells) + " |")
         lines.append("")
+        oracle = detail.get("oracle_early_exit", {}).get(name)
+        if oracle:
+            lines += [f"{name}, early-exit oracle (an upper bound for any confidence rule: each token stops at the "
+                      "shallowest exit that has the last layer's token, at that exit's static step cost, with no "
+                      "confidence checks and free KV for the skipped layers): " + "; ".join(
+                          f"agreement {r['agreement']:g}: mean exit {r['mean_exit']:.1f}, speedup "
+                          f"{r['speedup']:.2f}x" for r in oracle) + ".", ""]
     return lines
 
 

@@ -11,7 +11,7 @@ from evaluate_fixtures import constant_checkpoints, constant_model  # noqa: F401
 from sortedllm import SortedModel
 from sortedllm.cli import main
 from sortedllm.evaluate import evaluate
-from sortedllm.evaluate.agreement import MAX_DRAFT, accepted_tokens, agreement_runs, speedups
+from sortedllm.evaluate.agreement import MAX_DRAFT, accepted_tokens, agreement_runs, oracle_early_exit, speedups
 from sortedllm.exits import hidden_from_outputs
 from sortedllm.inference import generate
 from sortedllm.inference.static import encode_prompts
@@ -46,6 +46,24 @@ def test_accepted_tokens_from_runs():
 def test_speedup_formula():
     sp = speedups([1.0, 1.5], t_full=1.0, t_draft=0.25, t_feed=0.2, t_verify=[0.8, 0.9])
     assert sp == pytest.approx([2 / 1.25, 2.5 / 1.6])
+
+
+def test_oracle_early_exit_by_hand():
+    """Each position stops at its shallowest right exit; at a lower agreement the wrong tokens go where they save
+    the most (positions that only the last layer gets right), stopping at the cheapest exit."""
+    T, F = True, False
+    top1 = {2: [[T, F, F, F]], 4: [[T, T, F, F]], 6: [[T, T, T, T]]}
+    cost = {2: 1.0, 4: 2.0, 6: 4.0}
+    rows = oracle_early_exit(top1, cost, targets=(1.0, 0.75, 0.5))
+    # right exits 2, 4, 6, 6: cost 11 vs 16 for the plain model
+    assert rows[0] == {"agreement": 1.0, "mean_exit": 4.5, "speedup": pytest.approx(16 / 11)}
+    # one wrong token: a position right only at 6 stops at 2 instead (exits 2, 4, 2, 6)
+    assert rows[1] == {"agreement": 0.75, "mean_exit": 3.5, "speedup": pytest.approx(16 / 8)}
+    assert rows[2] == {"agreement": 0.5, "mean_exit": 2.5, "speedup": pytest.approx(16 / 5)}
+    assert oracle_early_exit({2: [[]], 6: [[]]}, {2: 1.0, 6: 2.0}) == []
+    # a cheaper deeper exit (a measured cost can be noisy) is where the wrong tokens go
+    rows = oracle_early_exit({2: [[F, F]], 4: [[F, F]], 6: [[T, T]]}, {2: 3.0, 4: 1.0, 6: 4.0}, targets=(0.5,))
+    assert rows == [{"agreement": 0.5, "mean_exit": 5.0, "speedup": pytest.approx(8 / 5)}]
 
 
 def test_agreement_runs_match_hf_forward(tiny_sorted):
@@ -111,6 +129,11 @@ def test_exact_numbers_on_agreeing_model(tokenizer):
     assert per_exit["4"]["speedup_by_draft_length"] is None and per_exit["4"]["best_speedup"] is None
     assert all(t > 0 for t in [t_full, m["t_draft_ms"], m["t_feed_ms"], *m["t_verify_ms_by_draft_length"]])
     assert res["details"]["agreement"]["headline"] == {"metric": "top1_agreement", "higher_is_better": True}
+    # every exit agrees: the oracle stops every token at exit 2, at exit 2's measured static step cost
+    oracle = res["details"]["agreement"]["oracle_early_exit"]["A"]
+    assert [r["agreement"] for r in oracle] == [1.0, 0.95, 0.9]
+    for r in oracle:
+        assert r["mean_exit"] == 2 and r["speedup"] == pytest.approx(t_full / m["t_exit_ms"])
 
 
 def test_cli_agreement_compare(tiny_checkpoint, constant_checkpoints, tmp_path, capsys):  # noqa: F811
@@ -126,7 +149,7 @@ def test_cli_agreement_compare(tiny_checkpoint, constant_checkpoints, tmp_path, 
     assert set(tiny) == {"2"}  # the tiny model has 6 layers: exit 6 is the reference, not reported
     assert set(tiny["2"]) == {"top1_agreement", "draft_agreement", "positions", "accepted_by_draft_length",
                               "speedup_by_draft_length", "best_draft_length", "best_speedup", "t_draft_ms",
-                              "t_feed_ms", "t_verify_ms_by_draft_length"}
+                              "t_feed_ms", "t_verify_ms_by_draft_length", "t_exit_ms"}
     assert len(tiny["2"]["accepted_by_draft_length"]) == len(tiny["2"]["speedup_by_draft_length"]) == MAX_DRAFT
     assert 0 <= tiny["2"]["top1_agreement"] <= 1
     assert res["tasks"]["agreement"]["sevens"]["2"]["top1_agreement"] == 1.0
@@ -134,8 +157,12 @@ def test_cli_agreement_compare(tiny_checkpoint, constant_checkpoints, tmp_path, 
     assert detail["data"] == "gsm8k:test" and detail["n_prompts"] == 2 and detail["draft_lengths"] == [*range(1, 9)]
     assert set(detail["timing"]["tiny"]) == {"t_full_ms", "context_tokens", "rounds",
                                              "teacher_forced_matches_generation"}
+    oracle = detail["oracle_early_exit"]
+    assert set(oracle) == {"tiny", "sevens"} and oracle["sevens"][0]["mean_exit"] == 2
+    assert all(2 <= r["mean_exit"] <= 6 and r["speedup"] > 0 for r in oracle["tiny"])
     md = (out / "report.md").read_text()
     assert "## agreement" in md and "| exit | t_draft ms | g=1 |" in md
+    assert "sevens, early-exit oracle" in md and "agreement 0.95: mean exit 2.0" in md
     for png in ("agreement.png", "agreement_speedup.png"):
         assert f"]({png})" in md and (out / png).read_bytes().startswith(PNG)
     samples = [json.loads(line) for line in (out / "generations.jsonl").read_text().splitlines()]
