@@ -9,6 +9,8 @@
 #   bash experiments/draft_quality.sh step 225   # recipe vs baseline, both at checkpoint-225 -> .../draft-quality-equal-225
 #   bash experiments/draft_quality.sh onpolicy   # 60 more steps from checkpoint-225, distilling on the model's own
 #                                                # answers -> .../draft-quality-onpolicy
+#   bash experiments/draft_quality.sh focus      # exit 9 alone: 300 more steps from the recipe on the model's own
+#                                                # answers (after onpolicy) -> .../draft-quality-focus9
 #   bash experiments/draft_quality.sh oracle     # early-exit ceiling of the recipe on GSM8K, TriviaQA and PandaLM
 #                                                # prompts -> .../early-exit-oracle-<task> (docs/evaluation.md)
 #   bash experiments/draft_quality.sh all        # train, eval, equal40
@@ -101,6 +103,17 @@ print("\n".join(json.dumps({"prompt": r["prompt"], "completion": r["text"]}) for
         --tasks loss,agreement --limit "$LIMIT"
 }
 
+stage_focus() {  # all of the students' loss on exit 9: exits 9 and 30 only, pure distillation (alpha 1) at exit 9
+    have "$DRAFT/final" || { echo "no $DRAFT/final yet: run '$0 train' first" >&2; exit 1; }
+    [ -f runs/onpolicy/train.jsonl ] || { echo "need runs/onpolicy/train.jsonl: run '$0 onpolicy' first" >&2; exit 1; }
+    train runs/focus9 --config configs/draft-quality.yaml --model "$DRAFT/final" --data runs/onpolicy/train.jsonl \
+        --exits 9,30 --exit_weights 1,1 --distill_alpha 1.0 --max_steps 300 --learning_rate 1e-4 --warmup_steps 0 \
+        --save_steps 50 --save_total_limit 1
+    # held-out loss on the recipe's data (GSM8K + Alpaca test rows), not on the model's own answers it trained on
+    evaluate draft-quality-focus9 --model runs/focus9/final --compare "$DRAFT/final" --names focus9,recipe \
+        --tasks loss,agreement --exits 9,30 --data_file "loss=gsm8k:test+alpaca:test" --limit "$LIMIT"
+}
+
 stage_oracle() {  # the best any confidence early-exit rule could do with the recipe's exits, per task (issue 5)
     have "$DRAFT/final" || { echo "no $DRAFT/final yet: run '$0 train' first" >&2; exit 1; }
     for task in gsm8k triviaqa pandalm; do
@@ -116,7 +129,8 @@ eval) stage_eval ;;
 equal40) stage_equal40 ;;
 step) stage_step "${2:-}" ;;
 onpolicy) stage_onpolicy ;;
+focus) stage_focus ;;
 oracle) stage_oracle ;;
 all) stage_train; stage_eval; stage_equal40 ;;
-*) echo "usage: $0 train|eval|equal40|baseline|step N|onpolicy|oracle|all" >&2; exit 2 ;;
+*) echo "usage: $0 train|eval|equal40|baseline|step N|onpolicy|focus|oracle|all" >&2; exit 2 ;;
 esac
