@@ -275,9 +275,9 @@ def run(ctx, name: str, rows: list[dict]) -> dict:
         sm = ctx.models[model]
         gens = ctx.generate(model, sm.num_layers, prompts, n_new, name)
         ctx.record(name, model, sm.num_layers, rows, gens)
-        out[model], timing[model], oracle[model] = measure_model(sm, encode_prompts(sm, prompts), [g.token_ids for g in gens],
-                                                  exits, draft_vocab=draft_vocab, batch_size=ctx.batch_size,
-                                                  rounds=rounds, progress=ctx.progress)
+        out[model], timing[model], oracle[model] = measure_model(
+            sm, encode_prompts(sm, prompts), [g.token_ids for g in gens], exits, draft_vocab=draft_vocab,
+            batch_size=ctx.batch_size, rounds=rounds, progress=ctx.progress)
     ctx.details[name] = {"data": ctx.data.get(name, DEFAULT_DATA), "n_prompts": len(rows), "max_new_tokens": n_new,
                          "draft_lengths": list(range(1, MAX_DRAFT + 1)), "draft_vocab": draft_vocab,
                          "reference": "last layer of the same model, teacher-forced on its own greedy answers",
