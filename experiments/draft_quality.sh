@@ -26,11 +26,14 @@ export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}   # one thread per job: on the shar
 OUT=experiments/results
 LIMIT=${LIMIT:-30}                             # GSM8K test prompts for the agreement task and held-out rows for loss
 DRAFT=runs/draft-quality
+ONPOLICY=runs/onpolicy                         # the on-policy stage's prompts, answers and training run
 # SoFT without distillation to compare with: the same-steps baseline when it has been trained, else the 40-step one.
 SOFT=${SOFT:-$([ -f runs/draft-quality-soft/final/sorted_config.json ] && echo runs/draft-quality-soft/final \
     || echo runs/quickstart/final)}
 
 have() { [ -f "$1/sorted_config.json" ]; }
+
+need_recipe() { have "$DRAFT/final" || { echo "no $DRAFT/final yet: run '$0 train' first" >&2; exit 1; }; }
 
 train() {  # train <output_dir> <args...> : skipped when <output_dir>/final exists, else started or resumed
     local dir=$1; shift
@@ -49,7 +52,7 @@ stage_train() { train "$DRAFT" --config configs/draft-quality.yaml; }
 stage_baseline() { train runs/draft-quality-soft --config configs/draft-quality.yaml --distill_alpha 0; }
 
 stage_eval() {
-    have "$DRAFT/final" || { echo "no $DRAFT/final yet: run '$0 train' first" >&2; exit 1; }
+    need_recipe
     [ "$SOFT" = runs/quickstart/final ] && train runs/quickstart --config configs/quickstart.yaml
     have "$SOFT" || { echo "no SoFT checkpoint at $SOFT (set SOFT=...)" >&2; exit 1; }
     echo "comparing with SoFT checkpoint $SOFT"
@@ -77,7 +80,7 @@ stage_step() {  # the recipe and its baseline at the same checkpoint: equal step
 }
 
 stage_onpolicy() {  # distil on the model's own greedy answers, where `agreement` is measured, not on the references
-    local from=$DRAFT/checkpoint-225 data=runs/onpolicy dir=runs/onpolicy/distill  # the names below say 225 and 285
+    local from=$DRAFT/checkpoint-225 data=$ONPOLICY dir=$ONPOLICY/distill  # the names below say 225 and 285
     have "$from" || { echo "need $from: run 'train' past step 225" >&2; exit 1; }
     mkdir -p "$data"
     if [ ! -f "$data/train.jsonl" ]; then
@@ -104,9 +107,9 @@ print("\n".join(json.dumps({"prompt": r["prompt"], "completion": r["text"]}) for
 }
 
 stage_focus() {  # all of the students' loss on exit 9: exits 9 and 30 only, pure distillation (alpha 1) at exit 9
-    have "$DRAFT/final" || { echo "no $DRAFT/final yet: run '$0 train' first" >&2; exit 1; }
-    [ -f runs/onpolicy/train.jsonl ] || { echo "need runs/onpolicy/train.jsonl: run '$0 onpolicy' first" >&2; exit 1; }
-    train runs/focus9 --config configs/draft-quality.yaml --model "$DRAFT/final" --data runs/onpolicy/train.jsonl \
+    need_recipe
+    [ -f "$ONPOLICY/train.jsonl" ] || { echo "need $ONPOLICY/train.jsonl: run '$0 onpolicy' first" >&2; exit 1; }
+    train runs/focus9 --config configs/draft-quality.yaml --model "$DRAFT/final" --data "$ONPOLICY/train.jsonl" \
         --exits 9,30 --exit_weights 1,1 --distill_alpha 1.0 --max_steps 300 --learning_rate 1e-4 --warmup_steps 0 \
         --save_steps 50 --save_total_limit 1
     # held-out loss on the recipe's data (GSM8K + Alpaca test rows), not on the model's own answers it trained on
@@ -115,7 +118,7 @@ stage_focus() {  # all of the students' loss on exit 9: exits 9 and 30 only, pur
 }
 
 stage_oracle() {  # the best any confidence early-exit rule could do with the recipe's exits, per task (issue 5)
-    have "$DRAFT/final" || { echo "no $DRAFT/final yet: run '$0 train' first" >&2; exit 1; }
+    need_recipe
     for task in gsm8k triviaqa pandalm; do
         evaluate "early-exit-oracle-$task" --model "$DRAFT/final" --names draft-quality --tasks agreement \
             --data_file "agreement=$task:test" --limit "$LIMIT"
