@@ -599,9 +599,9 @@ def oracle_section(results_dir: Path, shown: str, v: Verdicts) -> list[str]:
         per_exit = res["tasks"]["agreement"][model]
         cells.append(f"{per_exit[min(per_exit, key=int)]['top1_agreement']:.3f}")
         # The same runs priced as self-speculation (accepted drafts per cycle, measured round costs).
-        best = max((m["best_speedup"], int(k), m["best_draft_length"]) for k, m in per_exit.items()
-                   if m.get("best_speedup") is not None)
-        cells.append(f"{fmt(best[0], 'x')} (exit {best[1]}, g = {best[2]})")
+        best = max(((m["best_speedup"], int(k), m["best_draft_length"]) for k, m in per_exit.items()
+                    if m.get("best_speedup") is not None), default=None)  # None: only the last exit was measured
+        cells.append(f"{fmt(best[0], 'x')} (exit {best[1]}, g = {best[2]})" if best else "-")
         rows.append(cells)
     agreements = next(iter(found.values()))["details"]["agreement"]["oracle_early_exit"]
     agreements = [r["agreement"] for r in next(iter(agreements.values()))]

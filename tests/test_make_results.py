@@ -217,3 +217,19 @@ def test_a_budget_shows_only_the_experiments_it_runs(evaluated, tmp_path):
     assert "### 1. SoFT vs SFT at every exit" in alpaca and "| exit | SoFT | SFT |\n" in alpaca
     assert "experiments/configs/paper-alpaca.yaml --mode soft --output_dir runs/paper/alpaca-soft" in alpaca
     assert verdict(md, "(alpaca) SoFT beats SFT at every intermediate exit on held-out loss")[1] in ("yes", "no")
+
+
+def test_oracle_section_without_a_draft_exit(evaluated, tmp_path):
+    """An agreement run that measured only the last exit has no self-speculation price: the cell says "-"."""
+    src, _ = evaluated
+    results = tmp_path / "results"
+    shutil.copytree(src, results)
+    path = results / "early-exit-oracle-gsm8k" / "results.json"
+    res = json.loads(path.read_text())
+    per_exit = res["tasks"]["agreement"]["draft-quality"]
+    last = max(per_exit, key=int)
+    res["tasks"]["agreement"]["draft-quality"] = {last: per_exit[last]}
+    path.write_text(json.dumps(res))
+    md = render(results, tmp_path / "no-bench", tmp_path / "docs")
+    row = next(line for line in md.split("### Early-exit ceiling")[1].splitlines() if line.startswith("| GSM8K |"))
+    assert row.endswith("| 1.000 | - |")
