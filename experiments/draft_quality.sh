@@ -13,6 +13,8 @@
 #                                                # answers (after onpolicy) -> .../draft-quality-focus9
 #   bash experiments/draft_quality.sh oracle     # early-exit ceiling of the recipe on GSM8K, TriviaQA and PandaLM
 #                                                # prompts -> .../early-exit-oracle-<task> (docs/evaluation.md)
+#   bash experiments/draft_quality.sh draftlayer # one trained draft-only layer on the frozen recipe, in place of
+#                                                # layer 9 -> .../draft-layer-probe/ (experiments/draft_layer_probe.py)
 #   bash experiments/draft_quality.sh all        # train, eval, equal40
 #
 # Every stage skips work that is done: a training run whose final/ exists, an evaluation whose results.json exists
@@ -125,6 +127,17 @@ stage_oracle() {  # the best any confidence early-exit rule could do with the re
     done
 }
 
+stage_draftlayer() {  # a trained draft-only layer on the frozen recipe (Kangaroo-style), at exit 9's draft cost
+    need_recipe
+    local out=$OUT/draft-layer-probe/shared8-layers1-rows3500-steps2500.json
+    [ -f "$out" ] && { echo "have $out (delete it to measure again)"; return; }
+    mkdir -p runs/draft-layer "$(dirname "$out")"
+    # 3,500 GSM8K training rows need the full split (../shared/data here; the built-in copy holds the first 1,000)
+    SORTEDLLM_DATA_DIR=${SORTEDLLM_DATA_DIR:-../shared/data} python experiments/draft_layer_probe.py \
+        --model "$DRAFT/final" --shared 8 --draft_layers 1 --rows 3500 --steps 2500 --lr 1e-3 \
+        --save runs/draft-layer/shared8-layers1-rows3500.safetensors --out "$out"
+}
+
 case ${1:-} in
 train) stage_train ;;
 baseline) stage_baseline ;;
@@ -134,6 +147,7 @@ step) stage_step "${2:-}" ;;
 onpolicy) stage_onpolicy ;;
 focus) stage_focus ;;
 oracle) stage_oracle ;;
+draftlayer) stage_draftlayer ;;
 all) stage_train; stage_eval; stage_equal40 ;;
-*) echo "usage: $0 train|eval|equal40|baseline|step N|onpolicy|focus|oracle|all" >&2; exit 2 ;;
+*) echo "usage: $0 train|eval|equal40|baseline|step N|onpolicy|focus|oracle|draftlayer|all" >&2; exit 2 ;;
 esac
