@@ -2,12 +2,14 @@
 adapter; the model itself stays frozen, so the last exit is untouched) agree with the last layer far more often
 than the bare exit s+1 of the same cost?
 
-    python experiments/draft_layer_probe.py --model runs/draft-quality/final --shared 8 --rows 600 --steps 300
+    SORTEDLLM_DATA_DIR=../shared/data python experiments/draft_layer_probe.py --model runs/draft-quality/final \
+        --shared 8 --rows 3500 --steps 2500 --lr 1e-3 --save runs/draft-layer/layer.safetensors
 
 Stage 1 caches, for GSM8K train rows (teacher-forced on the references), the hidden state after layer s and the
 last layer's logits over the draft vocabulary at answer positions. Stage 2 trains a copy of layer s+1 (+ a copy of
 the final norm) by KL to those logits. Stage 3 teacher-forces the full model's own greedy answers to GSM8K test
-prompts and reports top-1 agreement with the last layer for exits s, s+1, s+4 and the adapter.
+prompts and reports top-1 agreement with the last layer for exits s, s+1, s+draft_layers, s+4 and the draft, then
+prices self-speculation with each (accepted drafts per cycle and predicted speedup, as the `agreement` task does).
 Written by hand: an experiment, not a library feature (no library trains such a draft layer on a frozen HF model).
 """
 
@@ -18,6 +20,7 @@ import copy
 import json
 import random
 import time
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -31,6 +34,7 @@ from sortedllm.inference.static import generate
 
 
 def draft_hidden(arch, layers, norm, h, pos):
+    """The draft's normed state: one unpadded sequence, so no mask is needed (SDPA's causal path is exact)."""
     rope = arch._rope(h, pos)
     for layer in layers:
         h = layer(h, attention_mask=None, position_embeddings=rope, position_ids=pos)
@@ -58,6 +62,10 @@ def main(argv=None):
     sm.model.eval().requires_grad_(False)
     arch, L, s = sm.arch, sm.num_layers, a.shared
     tok = sm.tokenizer
+    if not 1 <= s < s + a.draft_layers < L:
+        p.error(f"--shared {s} with --draft_layers {a.draft_layers} must leave layers for the verifier (model: {L})")
+    if any(t != "full_attention" for t in arch.layer_types[s:s + a.draft_layers]):
+        p.error("the probe's draft layers run without a mask, so they must be full-attention layers")
     sub = restricted_head(sm, L, a.vocab)
     col = torch.full((arch.head.weight.shape[0],), -1, dtype=torch.long)
     col[sub.ids] = torch.arange(len(sub.ids))
@@ -159,6 +167,7 @@ def main(argv=None):
            "vocab": a.vocab, "eval_prompts": a.eval_prompts, "positions": tot, "cache_seconds": cache_s,
            "train_seconds": train_s, "final_kl": sum(losses[-25:]) / max(1, len(losses[-25:])), "agreement": res}
     print(json.dumps(out, indent=1))
+    Path(a.out).parent.mkdir(parents=True, exist_ok=True)
     with open(a.out, "w") as f:
         json.dump(out, f, indent=1)
     return out

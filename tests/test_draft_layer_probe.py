@@ -1,12 +1,15 @@
 """experiments/draft_layer_probe.py on a tiny checkpoint: an untrained draft layer is a copy of layer s+1, so the
 adapter must agree with the last layer exactly as often as exit s+1 does (wrong masking or rotary positions would
-break that); a few training steps run end to end, write the JSON and save the layer."""
+break that); a few training steps run end to end, write the JSON and save the layer; a
+draft that leaves no layers to verify is a one-line usage error."""
 
 from __future__ import annotations
 
 import importlib.util
 import json
 from pathlib import Path
+
+import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -40,3 +43,12 @@ def test_untrained_draft_layer_is_exit_s_plus_1(tiny_checkpoint, tmp_path):
 
     saved = load_file(tmp_path / "draft.safetensors")
     assert any(k.startswith("layers.0.") for k in saved) and "norm.weight" in saved
+
+
+def test_draft_layers_must_leave_a_verifier(tiny_checkpoint, tmp_path, capsys):
+    probe = load_probe()
+    with pytest.raises(SystemExit) as e:
+        probe.main(["--model", str(tiny_checkpoint), "--shared", "5", "--out", str(tmp_path / "x.json")])
+    assert e.value.code == 2
+    assert "must leave layers for the verifier" in capsys.readouterr().err
+    assert not (tmp_path / "x.json").exists()
