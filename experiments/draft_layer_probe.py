@@ -67,8 +67,6 @@ def main(argv=None):
     if any(t != "full_attention" for t in arch.layer_types[s:s + a.draft_layers]):
         p.error("the probe's draft layers run without a mask, so they must be full-attention layers")
     sub = restricted_head(sm, L, a.vocab)
-    col = torch.full((arch.head.weight.shape[0],), -1, dtype=torch.long)
-    col[sub.ids] = torch.arange(len(sub.ids))
 
     # Stage 1: cache layer-s states and teacher logits over the subset.
     rows = load_examples("gsm8k:train", limit=a.rows)
