@@ -17,6 +17,17 @@ SHARED_DATA = next((p for p in (Path(__file__).resolve().parents[2] / "shared" /
 ARCHS = ("llama", "qwen2", "gemma3_text")
 
 
+def load_experiment(name: str):
+    """A script under experiments/ imported as a module (experiments/ is not a package)."""
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[1] / "experiments" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def tiny_config(arch: str, vocab_size: int, layers: int = 6):
     from transformers import Gemma3TextConfig, LlamaConfig, Qwen2Config
 

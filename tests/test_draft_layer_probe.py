@@ -5,24 +5,15 @@ draft that leaves no layers to verify is a one-line usage error."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
-from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def load_probe():
-    spec = importlib.util.spec_from_file_location("draft_layer_probe", ROOT / "experiments" / "draft_layer_probe.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+from tests.conftest import load_experiment
 
 
 def test_untrained_draft_layer_is_exit_s_plus_1(tiny_checkpoint, tmp_path):
-    probe = load_probe()
+    probe = load_experiment("draft_layer_probe")
     args = ["--model", str(tiny_checkpoint), "--shared", "2", "--rows", "3", "--eval_prompts", "3",
             "--max_new_tokens", "12"]
     out = probe.main(args + ["--steps", "0", "--out", str(tmp_path / "untrained.json")])
@@ -46,7 +37,7 @@ def test_untrained_draft_layer_is_exit_s_plus_1(tiny_checkpoint, tmp_path):
 
 
 def test_draft_layers_must_leave_a_verifier(tiny_checkpoint, tmp_path, capsys):
-    probe = load_probe()
+    probe = load_experiment("draft_layer_probe")
     with pytest.raises(SystemExit) as e:
         probe.main(["--model", str(tiny_checkpoint), "--shared", "5", "--out", str(tmp_path / "x.json")])
     assert e.value.code == 2

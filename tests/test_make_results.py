@@ -4,27 +4,19 @@ the output is deterministic, and the commands it cites are the ones that ran."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import shutil
 from pathlib import Path
 
 import pytest
 
-from tests.conftest import make_tiny
+from tests.conftest import load_experiment, make_tiny
 
 ROOT = Path(__file__).resolve().parents[1]
 PNG = b"\x89PNG\r\n\x1a\n"
 
 
-def load_make_results():
-    spec = importlib.util.spec_from_file_location("make_results", ROOT / "experiments" / "make_results.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-mr = load_make_results()
+mr = load_experiment("make_results")
 
 
 @pytest.fixture(scope="module")
