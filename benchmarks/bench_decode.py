@@ -12,6 +12,8 @@ Methods (all greedy, batch size 1, as the paper's table):
                                separate assistant (draft length starts at 4, +2 / -1, HF's other defaults)
   HF assistant_early_exit k    HF's self-speculation: shares weights, not the KV cache
   self-speculative k           ours: one model, one KV cache, drafts from exit k reused by the verifier
+  self-speculative k (draft layer)  the same drafted by a trained draft layer at exit k's cost (`--draft_layer`;
+                               default runs/draft-layer/draft_layer.safetensors beside runs/draft-quality/final)
   early exit (paper)           per-token confidence early exit, the paper's max-probability thresholds
   early exit (calibrated 95%)  thresholds calibrated for 95% token agreement on training-split prompts
   early exit (calibrated 1.5x) thresholds calibrated for a 1.5x estimated speedup (the best agreement there)
@@ -67,6 +69,11 @@ def default_model() -> str:
     return "smollm2-135m"
 
 
+def default_draft_layer(model_path: str) -> str | None:
+    path = ROOT / "runs" / "draft-layer" / "draft_layer.safetensors"
+    return str(path) if "draft-quality" in model_path and path.is_file() else None
+
+
 def hf_method(sm, **gen_kwargs):
     """A method running transformers' `generate` on one prompt: (token ids, stats)."""
     stop = sorted(stop_ids(sm.tokenizer, sm.model))
@@ -118,6 +125,10 @@ def main() -> int:
     p.add_argument("--tasks", default=",".join(TASKS))
     p.add_argument("--draft_exits", default="9,12,15", help="draft exits of the speculative methods")
     p.add_argument("--hf_exits", default="9", help="draft exits of the two HF baselines")
+    p.add_argument("--draft_layer", help="a trained draft layer (sortedllm train --mode draft) to draft with too; "
+                   "default: runs/draft-layer/draft_layer.safetensors with the draft-quality checkpoint; 'none' = off")
+    p.add_argument("--skip_early_exit", action="store_true", help="leave out the early-exit methods (and their "
+                   "calibration)")
     p.add_argument("--calibration_prompts", type=int, default=8)
     p.add_argument("--batch_study", type=int, default=4, help="batch size of the batch section (0 = skip)")
     p.add_argument("--threads", type=int, default=1)
@@ -135,14 +146,23 @@ def main() -> int:
     drafts = [int(x) for x in a.draft_exits.split(",") if x]
     hf_exits = [int(x) for x in a.hf_exits.split(",") if x]
 
-    print(f"calibrating early-exit thresholds on {a.calibration_prompts} training prompts ...", flush=True)
-    calib = [r["prompt"] for src in CALIBRATION for r in load_examples(src, limit=a.calibration_prompts)]
-    calib = calib[::len(CALIBRATION)][:a.calibration_prompts] if len(calib) > a.calibration_prompts else calib
-    candidates = EarlyExit().check(sm)
-    calib_stats = exit_statistics(sm, calib, candidates, max_new_tokens=32)
+    layer_file = None if a.draft_layer == "none" else a.draft_layer or default_draft_layer(model_path)
+    draft_layer = None
+    if layer_file:
+        from sortedllm.inference.draft_layer import load_draft_layer
+
+        draft_layer = load_draft_layer(layer_file, sm)
+        print(f"draft layer: {layer_file} (exit {draft_layer.exit}: {draft_layer.shared} shared + "
+              f"{len(draft_layer.layers)} own layer(s))", flush=True)
     tuned = {}
-    for name, target in (("calibrated 95%", dict(target_agreement=TARGETS["early_exit_agreement"])),
-                         ("calibrated 1.5x", dict(target_speedup=TARGETS["early_exit_speedup"]))):
+    if not a.skip_early_exit:
+        print(f"calibrating early-exit thresholds on {a.calibration_prompts} training prompts ...", flush=True)
+        calib = [r["prompt"] for src in CALIBRATION for r in load_examples(src, limit=a.calibration_prompts)]
+        calib = calib[::len(CALIBRATION)][:a.calibration_prompts] if len(calib) > a.calibration_prompts else calib
+        calib_stats = exit_statistics(sm, calib, EarlyExit().check(sm), max_new_tokens=32)
+    for name, target in (() if a.skip_early_exit else (
+            ("calibrated 95%", dict(target_agreement=TARGETS["early_exit_agreement"])),
+            ("calibrated 1.5x", dict(target_speedup=TARGETS["early_exit_speedup"])))):
         try:
             taus, agreement, speedup = search(calib_stats, **target)
         except SortedError as e:  # the target speedup is out of reach on this checkpoint
@@ -163,7 +183,11 @@ def main() -> int:
                                                             num_assistant_tokens_schedule="heuristic_transient")
     for k in drafts:
         methods[f"self-speculative {k}"] = ours(sm, speculative=Speculative(k))
-    methods["early exit (paper)"] = ours(sm, early_exit=EarlyExit())
+    if draft_layer is not None:
+        methods[f"self-speculative {draft_layer.exit} (draft layer)"] = ours(
+            sm, speculative=Speculative(draft_layer.exit, draft_layer=draft_layer))
+    if not a.skip_early_exit:
+        methods["early exit (paper)"] = ours(sm, early_exit=EarlyExit())
     for name, ee in tuned.items():
         methods[f"early exit ({name})"] = ours(sm, early_exit=ee)
     for m in methods.values():  # warm-up: restricted-head token counts, HF's first-call setup
@@ -220,7 +244,9 @@ def main() -> int:
     result = {"model": model_path, "model_note": note, "num_layers": L, "exits": sm.exits,
               "settings": {"prompts_per_task": a.prompts, "max_new_tokens": a.max_new_tokens, "batch_size": 1,
                            "draft_exits": drafts, "hf_exits": hf_exits, "threads": a.threads,
-                           "calibration_prompts": len(calib), "calibration_tokens": int(calib_stats["conf"].shape[0]),
+                           "draft_layer": layer_file,
+                           "calibration_prompts": 0 if a.skip_early_exit else len(calib),
+                           "calibration_tokens": 0 if a.skip_early_exit else int(calib_stats["conf"].shape[0]),
                            "calibrated": {name: {"thresholds": ee.thresholds, **ee.calibration}
                                           for name, ee in tuned.items()}},
               "rows": rows, "static_depth": static_rows, "batch": batch_rows, "targets": TARGETS,
@@ -246,9 +272,10 @@ def checks(rows, static_rows, drafts, hf_exits) -> dict:
     by = {(r["method"], r["task"]): r for r in rows}
     tasks = sorted({r["task"] for r in rows})
     out = {}
-    best = {t: max((by[(f"self-speculative {k}", t)] for k in drafts), key=lambda r: r["speedup"]) for t in tasks}
+    spec = [m for m in dict.fromkeys(r["method"] for r in rows) if m.startswith("self-speculative")]
+    best = {t: max((by[(m, t)] for m in spec), key=lambda r: r["speedup"]) for t in tasks}
     out["self-speculative >= 1.5x greedy on every task"] = {
-        t: f"{best[t]['speedup']:.2f}x at exit {best[t]['method'].split()[-1]} "
+        t: f"{best[t]['speedup']:.2f}x with {best[t]['method']} "
            f"(identical {best[t]['identical_rate']:.0%})" for t in tasks}
     for k in hf_exits:
         if (f"self-speculative {k}", tasks[0]) in by:

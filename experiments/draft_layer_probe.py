@@ -54,6 +54,9 @@ def main(argv=None):
     p.add_argument("--eval_prompts", type=int, default=30)
     p.add_argument("--max_new_tokens", type=int, default=256)
     p.add_argument("--out", default="experiments/results/draft-layer-probe/probe.json")
+    p.add_argument("--train_head", action="store_true",
+                   help="also train the draft's own copy of the head rows of its vocabulary (no extra inference cost)")
+    p.add_argument("--head_lr", type=float, default=2e-4)
     p.add_argument("--save", default=None, help="also save the trained draft layer(s) + norm here (safetensors)")
     a = p.parse_args(argv)
     torch.manual_seed(0)
@@ -85,8 +88,13 @@ def main(argv=None):
 
     layer = copy.deepcopy(arch.layers[s:s + a.draft_layers]).float().requires_grad_(True)
     norm = copy.deepcopy(arch.norm).float().requires_grad_(True)
+    dhead = copy.deepcopy(sub).requires_grad_(a.train_head)  # the draft's head: the subset's rows, trainable or not
     params = list(layer.parameters()) + list(norm.parameters())
-    opt = torch.optim.AdamW(params, lr=a.lr, weight_decay=0.0)
+    groups = [{"params": params, "lr": a.lr}]
+    if a.train_head:
+        groups.append({"params": [dhead.weight], "lr": a.head_lr})
+        params = params + [dhead.weight]
+    opt = torch.optim.AdamW(groups, weight_decay=0.0)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: min(1.0, (i + 1) / 20) * max(0.0, 1 - i / max(1, a.steps)))
     t0 = time.time()
     losses = []
@@ -97,7 +105,7 @@ def main(argv=None):
         for h, where, z in batch:  # one sequence at a time: no padding logic in a probe
             pos = torch.arange(h.shape[0]).unsqueeze(0)
             d = draft_hidden(arch, layer, norm, h.float().unsqueeze(0), pos)[0, where]
-            logp = F.log_softmax(sub(d), -1)
+            logp = F.log_softmax(dhead(d), -1)
             q = F.log_softmax(z.float(), -1)
             loss = F.kl_div(logp, q, log_target=True, reduction="sum")
             loss.backward()
@@ -115,7 +123,10 @@ def main(argv=None):
         from safetensors.torch import save_file
 
         state = {f"layers.{n}": t for n, t in layer.state_dict().items()}
-        save_file(state | {f"norm.{n}": t for n, t in norm.state_dict().items()}, a.save)
+        state |= {f"norm.{n}": t for n, t in norm.state_dict().items()}
+        if a.train_head:
+            state |= {"head.weight": dhead.weight.detach(), "head.ids": dhead.ids}
+        save_file(state, a.save)
 
     # Stage 3: agreement on the full model's own greedy GSM8K test answers.
     test = load_examples("gsm8k:test", limit=a.eval_prompts)
@@ -141,7 +152,7 @@ def main(argv=None):
             d = draft_hidden(arch, layer, norm, h, pos)[0]
             at = torch.arange(len(q) - 1, len(q) - 1 + len(c))
             agree += int((arch.head(d[at]).argmax(-1) == ref[at]).sum())
-            hits = sub.ids[sub(d[at]).argmax(-1)] == ref[at]
+            hits = dhead.ids[dhead(d[at]).argmax(-1)] == ref[at]
             adapter_runs.append(hits.tolist())
             agree_d += int(hits.sum())
             tot += len(c)
@@ -162,6 +173,7 @@ def main(argv=None):
                          best_speedup=sp[best])
     out = {"model": a.model, "shared": s, "draft_layers": a.draft_layers, "rows": len(rows), "data": "gsm8k:train",
            "steps": a.steps, "batch": a.batch, "lr": a.lr,
+           "train_head": a.train_head, "head_lr": a.head_lr if a.train_head else None,
            "vocab": a.vocab, "eval_prompts": a.eval_prompts, "positions": tot, "cache_seconds": cache_s,
            "train_seconds": train_s, "final_kl": sum(losses[-25:]) / max(1, len(losses[-25:])), "agreement": res}
     print(json.dumps(out, indent=1))

@@ -13,8 +13,8 @@
 #                                                # answers (after onpolicy) -> .../draft-quality-focus9
 #   bash experiments/draft_quality.sh oracle     # early-exit ceiling of the recipe on GSM8K, TriviaQA and PandaLM
 #                                                # prompts -> .../early-exit-oracle-<task> (docs/evaluation.md)
-#   bash experiments/draft_quality.sh draftlayer # one trained draft-only layer on the frozen recipe, in place of
-#                                                # layer 9 -> .../draft-layer-probe/ (experiments/draft_layer_probe.py)
+#   bash experiments/draft_quality.sh draftlayer # a trained draft layer on the frozen recipe, in place of layer 9
+#                                                # (sortedllm train --mode draft) -> runs/draft-layer, .../draft-layer
 #   bash experiments/draft_quality.sh all        # train, eval, equal40
 #
 # Every stage skips work that is done: a training run whose final/ exists, an evaluation whose results.json exists
@@ -127,15 +127,17 @@ stage_oracle() {  # the best any confidence early-exit rule could do with the re
     done
 }
 
-stage_draftlayer() {  # a trained draft-only layer on the frozen recipe (Kangaroo-style), at exit 9's draft cost
+stage_draftlayer() {  # a trained draft layer on the frozen recipe (Kangaroo-style), at exit 9's draft cost
     need_recipe
-    local out=$OUT/draft-layer-probe/shared8-layers1-rows3500-steps2500.json
-    [ -f "$out" ] && { echo "have $out (delete it to measure again)"; return; }
-    mkdir -p runs/draft-layer "$(dirname "$out")"
-    # 3,500 GSM8K training rows need the full split (../shared/data here; the built-in copy holds the first 1,000)
-    SORTEDLLM_DATA_DIR=${SORTEDLLM_DATA_DIR:-../shared/data} python experiments/draft_layer_probe.py \
-        --model "$DRAFT/final" --shared 8 --draft_layers 1 --rows 3500 --steps 2500 --lr 1e-3 \
-        --save runs/draft-layer/shared8-layers1-rows3500.safetensors --out "$out"
+    if [ ! -f runs/draft-layer/draft_layer.safetensors ]; then
+        # 3,500 GSM8K training rows need the full split (../shared/data here; the built-in copy holds 1,000)
+        SORTEDLLM_DATA_DIR=${SORTEDLLM_DATA_DIR:-../shared/data} sortedllm train --mode draft --base "$DRAFT/final" \
+            --draft_shared 8 --draft_layers 1 --data gsm8k --data_limit 3500 --max_steps 2500 --learning_rate 1e-3 --per_device_train_batch_size 8 \
+            --max_length 384 --output_dir runs/draft-layer
+    fi
+    # the recipe's exits and its draft layer, on the same 30 GSM8K test prompts as the other agreement results
+    evaluate draft-layer --model "$DRAFT/final" --names draft-quality --tasks agreement --limit "$LIMIT" \
+        --draft_layer runs/draft-layer/draft_layer.safetensors
 }
 
 case ${1:-} in

@@ -238,13 +238,18 @@ def stale_temp_folders(folder: str | Path) -> list[Path]:
 
 
 def atomic_write_text(path: str | Path, text: str) -> None:
+    atomic_write_bytes(path, text.encode())
+
+
+def atomic_write_bytes(path: str | Path, data: bytes) -> None:
+    """Write a whole file or nothing: a temp file beside it, fsync, rename."""
     path = Path(path)
     parent = _writable_parent(path)
     fd, tmp = tempfile.mkstemp(dir=parent, prefix=f".{path.name}{TMP_MARK}")
     try:
         os.chmod(tmp, 0o666 & ~UMASK)
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)

@@ -28,7 +28,8 @@ class ScriptArguments:
     eval_limit: int | None = field(default=200, metadata={"help": "Use only the first N held-out rows."})
     dtype: str = field(default="float32", metadata={"help": "Weights dtype: float32, bfloat16 or float16."})
     base: str | None = field(default=None, metadata={
-        "help": "--mode ict: the frozen SFT (or SoFT) checkpoint whose per-exit heads are trained (replaces --model)."})
+        "help": "--mode ict / draft: the frozen SFT (or SoFT) checkpoint whose per-exit heads (ict) or draft layer "
+                "(draft) is trained (replaces --model)."})
     lora: str | None = field(default=None, metadata={
         "help": "Train a LoRA adapter instead of all weights: r=16,alpha=32,targets=q_proj,v_proj[,dropout=0.05] "
                 "(targets default all-linear), or a YAML mapping."})

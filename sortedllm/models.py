@@ -262,10 +262,11 @@ class Architecture:
         return self.base.embed_tokens(input_ids)
 
     def run_layers(self, hidden: torch.Tensor, start: int, end: int, *, attention_mask: torch.Tensor | None = None,
-                   position_ids: torch.Tensor | None = None, cache=None, **kwargs) -> torch.Tensor:
+                   position_ids: torch.Tensor | None = None, cache=None, layers=None, **kwargs) -> torch.Tensor:
         """Run decoder layers `start..end-1` (0-based), so `run_layers(embed(x), 0, k)` is the hidden state at
         exit k. `attention_mask` is the 2D padding mask over cached + new positions; `cache` a transformers Cache
-        whose layers in this range all hold the same number of positions."""
+        whose layers in this range all hold the same number of positions. `layers` runs other modules in place of
+        layers start..end-1 (a draft layer's copies: inference/draft_layer.py)."""
         from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
 
         if start >= end:
@@ -274,21 +275,23 @@ class Architecture:
             past = cache.get_seq_length(start) if cache is not None else 0
             position_ids = torch.arange(past, past + hidden.shape[1], device=hidden.device).unsqueeze(0)
         masks, rope = {}, {}
-        for i in range(start, end):
+        modules = self.layers[start:end] if layers is None else layers
+        for i, layer in zip(range(start, end), modules):
             kind = self.layer_types[i]
             if kind in masks:
                 continue
             make = create_sliding_window_causal_mask if kind == "sliding_attention" else create_causal_mask
+            slot = getattr(getattr(layer, "self_attn", None), "layer_idx", i)  # its cache slot (a copy has its own)
             masks[kind] = make(config=self.config, inputs_embeds=hidden, attention_mask=attention_mask, cache=cache,
-                               position_ids=position_ids, layer_idx=i)
+                               position_ids=position_ids, layer_idx=slot)
             if self._rope_takes_type:
                 rope[kind] = self._rope(hidden, position_ids, kind)
             elif not rope:
                 rope[kind] = self._rope(hidden, position_ids)
         shared = next(iter(rope.values()))
-        for i in range(start, end):
+        for i, layer in zip(range(start, end), modules):
             kind = self.layer_types[i]
-            hidden = self.layers[i](hidden, attention_mask=masks[kind], position_embeddings=rope.get(kind, shared),
+            hidden = layer(hidden, attention_mask=masks[kind], position_embeddings=rope.get(kind, shared),
                                     position_ids=position_ids, cache=cache, use_cache=cache is not None, **kwargs)
         return hidden
 

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import statistics
 import time
+from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
@@ -51,6 +52,9 @@ def prepare(ctx, name: str) -> list[dict]:
     rounds = ctx.options.get("timing_rounds", ROUNDS)
     if int(rounds) < 1:
         raise SortedError(f"timing_rounds must be at least 1 (got {rounds})")
+    layer = ctx.options.get("draft_layer")
+    if layer and not Path(layer).is_file():
+        raise SortedError(f"draft layer file not found: {layer}")
     rows = load_examples(ctx.data.get(name, DEFAULT_DATA), limit=ctx.limit)
     if not rows:
         raise SortedError(f"the agreement task's data ({ctx.data.get(name, DEFAULT_DATA)}) has no prompts")
@@ -135,13 +139,56 @@ def agreement_runs(sm, prompt_ids: list[list[int]], continuations: list[list[int
     return {"top1": top1, "draft": draft, "greedy": same / total if total else None}
 
 
+@torch.no_grad()
+def draft_layer_runs(sm, draft, prompt_ids: list[list[int]], continuations: list[list[int]],
+                     progress: bool = False) -> list[list[bool]]:
+    """Per generated position: the trained draft layer's token is the last layer's (one unpadded sequence at a
+    time, teacher-forced as `agreement_runs` does)."""
+    arch, L, s = sm.arch, sm.num_layers, draft.shared
+    device = next(sm.model.parameters()).device
+    runs = []
+    for p, c in tqdm(list(zip(prompt_ids, continuations)), desc="agreement draft layer", disable=not progress):
+        if not c:
+            runs.append([])
+            continue
+        ids = torch.tensor([p + c], device=device)
+        h = arch.run_layers(arch.embed(ids), 0, s)
+        at = torch.arange(len(p) - 1, len(p) - 1 + len(c), device=device)
+        ref = sm.exit_logits(arch.run_layers(h, s, L)[0, at], L).argmax(-1)
+        top = draft.head.ids[draft.logits(arch, draft.hidden(arch, h)[0, at]).argmax(-1)]
+        runs.append((top == ref).cpu().tolist())
+    return runs
+
+
+def measure_draft_layer(sm, draft, prompt_ids, continuations, rounds: int = ROUNDS, progress: bool = False) -> dict:
+    """The agreement task's metrics for a trained draft layer (inference/draft_layer.py), priced as its
+    self-speculation round costs: g x (layers 1..s + its own + its head) + a feed + verify(g) on layers s+1..L."""
+    runs = draft_layer_runs(sm, draft, prompt_ids, continuations, progress)
+    lengths = sorted(range(len(prompt_ids)), key=lambda i: len(prompt_ids[i]) + len(continuations[i]))
+    mid = lengths[len(lengths) // 2]
+    cost = step_costs(sm, prompt_ids[mid] + continuations[mid], [], rounds=rounds, draft=draft)
+    accepted = accepted_tokens(runs)
+    t_verify = [cost[("verify", draft.shared, g)] for g in range(1, MAX_DRAFT + 1)]
+    sp = speedups(accepted, cost[("full",)], cost[("draft", "layer")], cost[("feed", "layer")], t_verify)
+    best = max(range(MAX_DRAFT), key=lambda i: sp[i] if sp[i] is not None else -1.0)
+    flat = [a for seq in runs for a in seq]
+    return {"exit": draft.exit, "shared": draft.shared, "own_layers": len(draft.layers), "vocab": len(draft.head.ids),
+            "top1_agreement": sum(flat) / len(flat) if flat else None, "positions": len(flat),
+            "accepted_by_draft_length": accepted, "speedup_by_draft_length": sp,
+            "best_draft_length": best + 1 if sp[best] is not None else None, "best_speedup": sp[best],
+            "t_draft_ms": 1e3 * cost[("draft", "layer")], "t_feed_ms": 1e3 * cost[("feed", "layer")],
+            "t_full_ms": 1e3 * cost[("full",)], "t_verify_ms_by_draft_length": [1e3 * t for t in t_verify]}
+
+
 @torch.inference_mode()
 def step_costs(sm, context: list[int], exits: list[int], draft_vocab: int | None = None, max_draft: int = MAX_DRAFT,
-               rounds: int = ROUNDS) -> dict:
+               rounds: int = ROUNDS, draft=None) -> dict:
     """CPU seconds (median over `rounds`, after a warm-up) of the pieces of a self-speculative round at each draft
     exit and of a plain full-model step, for one sequence whose cache holds `context`. Every measurement adds its
     tokens to the cache and crops them again, so all run at the same context length; the measurements alternate
-    (each exit's group starts with a plain step) so load changes on a shared machine hit all of them alike."""
+    (each exit's group starts with a plain step) so load changes on a shared machine hit all of them alike. With a
+    trained `draft` layer also its ("draft", "layer") and ("feed", "layer") steps (layers 1..s + its own layers) and
+    ("verify", s, g)."""
     from ..inference.batch import crop, new_cache
     from ..inference.draft_head import restricted_head
 
@@ -150,7 +197,11 @@ def step_costs(sm, context: list[int], exits: list[int], draft_vocab: int | None
     ids = torch.tensor([context], device=device)
     n = ids.shape[1]
     cache = new_cache(sm, rollback=True)
-    arch.run_layers(arch.embed(ids), 0, L, attention_mask=torch.ones_like(ids), cache=cache)
+    s = draft.shared if draft is not None else L
+    h = arch.run_layers(arch.embed(ids), 0, s, attention_mask=torch.ones_like(ids), cache=cache)
+    arch.run_layers(h, s, L, attention_mask=torch.ones_like(ids), cache=cache)
+    if draft is not None:
+        draft.hidden(arch, h, attention_mask=torch.ones_like(ids), cache=cache)
     token = ids[:, -1:]
     norm_l, head_l = sm.exit_norm_head(L)
 
@@ -169,6 +220,20 @@ def step_costs(sm, context: list[int], exits: list[int], draft_vocab: int | None
             crop(cache, width, start, end)
         return step
 
+    def draft_piece(with_head: bool):
+        """One token through layers 1..s and the draft layer's own (+ its head), then cropped from both."""
+        mask = torch.ones(1, n + 1, dtype=torch.long, device=device)
+        pos = torch.tensor([[n]], device=device)
+
+        def step():
+            h = arch.run_layers(arch.embed(token), 0, s, attention_mask=mask, position_ids=pos, cache=cache)
+            d = draft.hidden(arch, h, attention_mask=mask, position_ids=pos, cache=cache)
+            if with_head:
+                draft.logits(arch, d).argmax(-1)
+            crop(cache, 1, 0, s)
+            crop(cache, 1, draft.slots[0], None)
+        return step
+
     ops = {("full",): piece(0, L, 1, head_l, norm_l)}
     for k in exits:
         if k >= L:
@@ -185,6 +250,12 @@ def step_costs(sm, context: list[int], exits: list[int], draft_vocab: int | None
         if k < L:
             order += [("full",), ("draft", k), ("feed", k), ("exit", k)] + [("verify", k, g)
                                                                              for g in range(1, max_draft + 1)]
+    if draft is not None:
+        ops[("draft", "layer")], ops[("feed", "layer")] = draft_piece(True), draft_piece(False)
+        order += [("full",), ("draft", "layer"), ("feed", "layer")]
+        for g in range(1, max_draft + 1):
+            ops[("verify", s, g)] = piece(s, L, g + 1, head_l, norm_l)
+            order.append(("verify", s, g))
     order = order or [("full",)]
     times: dict = {key: [] for key in ops}
     for r in range(rounds + 1):
@@ -278,7 +349,18 @@ def run(ctx, name: str, rows: list[dict]) -> dict:
         out[model], timing[model], oracle[model] = measure_model(
             sm, encode_prompts(sm, prompts), [g.token_ids for g in gens], exits, draft_vocab=draft_vocab,
             batch_size=ctx.batch_size, rounds=rounds, progress=ctx.progress)
+    layers = {}
+    if ctx.options.get("draft_layer"):  # a trained draft layer of the first model, measured the same way
+        from ..inference.draft_layer import load_draft_layer
+
+        model = next(iter(ctx.exits))
+        sm = ctx.models[model]
+        gens = ctx.generate(model, sm.num_layers, prompts, n_new, name)
+        draft = load_draft_layer(ctx.options["draft_layer"], sm)
+        layers[model] = {"file": str(ctx.options["draft_layer"]), **measure_draft_layer(
+            sm, draft, encode_prompts(sm, prompts), [g.token_ids for g in gens], rounds, ctx.progress)}
     ctx.details[name] = {"data": ctx.data.get(name, DEFAULT_DATA), "n_prompts": len(rows), "max_new_tokens": n_new,
+                         "draft_layer": layers,
                          "draft_lengths": list(range(1, MAX_DRAFT + 1)), "draft_vocab": draft_vocab,
                          "reference": "last layer of the same model, teacher-forced on its own greedy answers",
                          "clock": "CPU time (time.process_time), median over rounds, batch of one",

@@ -187,9 +187,10 @@ class Batch:
 
 
 @torch.inference_mode()
-def prefill(sm, batch: Batch, end: int, keep=()) -> dict[int, torch.Tensor]:
-    """Run the prompts through layers 0..end-1, filling `batch.cache` for those layers. Returns the last prompt
-    position's hidden state [B, 1, H] after layer `end` and after each layer in `keep` (0 = the embedding).
+def prefill(sm, batch: Batch, end: int, keep=(), draft=None) -> dict[int, torch.Tensor]:
+    """Run the prompts through layers 0..end-1, filling `batch.cache` for those layers (and a `DraftLayer`'s cache
+    slots, when given). Returns the last prompt position's hidden state [B, 1, H] after layer `end` and after each
+    layer in `keep` (0 = the embedding).
 
     Prompts of equal length run together, others one length at a time, never as one left-padded batch: padding
     every prompt to the longest multiplied the prefill work (16 PandaLM prompts: 1,152 real tokens became 2,928),
@@ -200,7 +201,7 @@ def prefill(sm, batch: Batch, end: int, keep=()) -> dict[int, torch.Tensor]:
     unpadded batched prefill for a DynamicCache."""
     arch = sm.arch
     width = batch.ids.shape[1]
-    stops = sorted({k for k in keep if 0 < k < end} | {end})
+    stops = sorted({k for k in (*keep, draft.shared if draft else 0) if 0 < k < end} | {end})
     groups: dict[int, list[int]] = {}
     for i, p in enumerate(batch.prompts):
         groups.setdefault(len(p), []).append(i)
@@ -213,18 +214,22 @@ def prefill(sm, batch: Batch, end: int, keep=()) -> dict[int, torch.Tensor]:
         h = arch.embed(ids)
         states = {0: h[:, -1:]}
         at = 0
+        pos = torch.arange(n, device=batch.device).expand(len(rows), n)
         for k in stops:
-            h = arch.run_layers(h, at, k, attention_mask=torch.ones_like(ids), cache=cache,
-                                position_ids=torch.arange(n, device=batch.device).expand(len(rows), n))
+            h = arch.run_layers(h, at, k, attention_mask=torch.ones_like(ids), cache=cache, position_ids=pos)
             states[k] = h[:, -1:]
             at = k
+            if draft is not None and k == draft.shared:  # the prompt's KV entries in the draft's own slots
+                draft.hidden(arch, h, attention_mask=torch.ones_like(ids), cache=cache, position_ids=pos)
         for k in set(keep) | {end}:
             if k not in out:
                 out[k] = states[k].new_zeros(len(batch.prompts), *states[k].shape[1:])
             out[k][idx] = states[k]
         parts.append((idx, n, cache))
     if len(parts) > 1:
-        for i in range(end):  # left-pad each group's entries to the batch width, then store them as one update
+        if draft is not None:
+            draft.ensure_slots(batch.cache)
+        for i in [*range(end), *(draft.slots if draft is not None else ())]:  # left-pad each group's entries to the batch width, then store them as one update
             keys = values = None
             for idx, n, cache in parts:
                 layer = cache.layers[i]

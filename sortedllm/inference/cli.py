@@ -3,6 +3,7 @@
     sortedllm generate --model runs/quickstart/final --prompt "What is 7*6?"             # full model
     sortedllm generate --model M --prompt "..." --exit 12                               # first 12 layers
     sortedllm generate --model M --prompts_file prompts.txt --speculative 9 --jsonl     # exact, drafted by exit 9
+    sortedllm generate --model M --prompt "..." --speculative 9 --draft_layer D/draft_layer.safetensors  # trained
     sortedllm generate --model M --prompt "..." --early-exit [--calibrate gsm8k]        # per-token exit
 """
 
@@ -94,6 +95,8 @@ def build_parser():
     g.add_argument("--draft_vocab", type=int, default=8192, help="draft head restricted to the N most frequent "
                    "tokens (0 = full head)")
     g.add_argument("--draft_confidence", type=float, default=0.0, help="stop a draft below this confidence")
+    g.add_argument("--draft_layer", metavar="FILE", help="draft with a trained draft layer (draft_layer.safetensors "
+                   "from `sortedllm train --mode draft`); K must be its exit")
     e = p.add_argument_group("early exit")
     e.add_argument("--exits", help="candidate exits, e.g. 9,15,21 (default: the checkpoint's exits)")
     e.add_argument("--thresholds", help="exit:threshold pairs (9:0.95,15:0.9) or a JSON file from "
@@ -124,6 +127,8 @@ def main(argv: list[str]) -> int:
                                  ("--save_thresholds", a.save_thresholds)) if v]
     if early_only and not a.early_exit:
         raise SortedError(f"{early_only[0]} needs --early-exit")
+    if a.draft_layer and a.speculative is None:
+        raise SortedError("--draft_layer needs --speculative K (K = the draft layer's exit)")
     for flag, value, least in (("--max_new_tokens", a.max_new_tokens, 0), ("--batch_size", a.batch_size, 1)):
         if value < least:  # checked before the model loads
             raise SortedError(f"{flag} must be at least {least} (got {value})")
@@ -141,7 +146,7 @@ def main(argv: list[str]) -> int:
         kwargs["speculative"] = Speculative(a.speculative, draft_tokens=a.draft_tokens,
                                             max_draft_tokens=max(a.max_draft_tokens, a.draft_tokens),
                                             adaptive=not a.fixed_draft, draft_vocab=a.draft_vocab or None,
-                                            draft_confidence=a.draft_confidence)
+                                            draft_confidence=a.draft_confidence, draft_layer=a.draft_layer)
     elif a.early_exit:
         screen = a.screen or None
         if a.calibrate:

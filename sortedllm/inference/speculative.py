@@ -18,6 +18,11 @@ is distributed exactly as plain sampling from the full model's warped distributi
 accepted length over its rows (rows that accepted more emit their accepted draft at that position), which keeps
 every row's cache the same length and each row exact.
 
+With a trained `DraftLayer` (inference/draft_layer.py) the draft is layers 1..s of the model plus the draft's own
+layer(s), norm and head, where s = `draft_layer.shared`: the fed tokens go through layers 1..s, then through the
+draft's copies (their KV entries in the cache's extra slots, cropped with the rest), and the verifier runs layers
+s+1..L on the layer-s states. Output is exactly as above; only acceptance changes.
+
 Draft length adapts as in HF assisted generation: +2 after a fully accepted draft; after a rejection -1, and at
 most one more than the drafts just accepted (a draft rejected at its first token drops straight to 1). Below 1
 it backs off to plain decoding: a rejected single-token draft makes the next rounds draft nothing (a round with no
@@ -42,7 +47,8 @@ class Speculative:
     """Options: `draft_exit` k (1 <= k < L); `draft_tokens` to start with; `adaptive` draft length up to
     `max_draft_tokens`; `draft_vocab` restricts the draft head to the N most frequent tokens (None = full head);
     `draft_confidence` stops a draft early when the draft head's top probability falls below it (0 = off);
-    `backoff` lets the draft length fall to 0 (plain steps, with probes) when single drafts keep failing."""
+    `backoff` lets the draft length fall to 0 (plain steps, with probes) when single drafts keep failing;
+    `draft_layer` a trained `DraftLayer` (or its file) that drafts in place of exit k (k must be its exit)."""
 
     draft_exit: int
     draft_tokens: int = 4
@@ -51,13 +57,22 @@ class Speculative:
     draft_vocab: int | None = 8192
     draft_confidence: float = 0.0
     backoff: bool = True
+    draft_layer: object = None
 
     def check(self, sm) -> None:
         L = sm.num_layers
+        if self.draft_layer is not None:
+            from .draft_layer import DraftLayer, load_draft_layer
+
+            if not isinstance(self.draft_layer, DraftLayer):
+                self.draft_layer = load_draft_layer(self.draft_layer, sm)
+            if self.draft_exit != self.draft_layer.exit:
+                raise SortedError(f"the draft layer drafts at exit {self.draft_layer.exit} ({self.draft_layer.shared} "
+                                  f"shared + {len(self.draft_layer.layers)} own layers), not {self.draft_exit}")
         if not 1 <= self.draft_exit < L:
             raise SortedError(f"speculative draft exit {self.draft_exit} is out of range: use a layer in 1..{L - 1} "
                               f"(the full model, layer {L}, verifies)")
-        if sm.config.mode != "untuned" and self.draft_exit not in sm.exits:
+        if sm.config.mode != "untuned" and self.draft_exit not in sm.exits and self.draft_layer is None:
             sm.check_exits([self.draft_exit])  # raises the checkpoint's "not an exit" error
         if self.draft_tokens < 1 or self.max_draft_tokens < self.draft_tokens:
             raise SortedError(f"draft_tokens must be >= 1 and <= max_draft_tokens ({self.max_draft_tokens}), "
@@ -70,14 +85,18 @@ class Speculative:
 def decode_speculative(sm, batch: Batch, spec: Speculative, sampling: Sampling, stats: dict) -> None:
     from .draft_head import restricted_head
 
-    arch, L, k = sm.arch, sm.num_layers, spec.draft_exit
+    arch, L, k, draft = sm.arch, sm.num_layers, spec.draft_exit, spec.draft_layer
+    s = draft.shared if draft is not None else k  # layers shared by the draft and the verifier
     norm_k, head_k = sm.exit_norm_head(k)
-    small = restricted_head(sm, k, spec.draft_vocab) if spec.draft_vocab and spec.draft_vocab < \
-        head_k.weight.shape[0] else None
+    if draft is not None:
+        small = draft.head
+    else:
+        small = restricted_head(sm, k, spec.draft_vocab) if spec.draft_vocab and spec.draft_vocab < \
+            head_k.weight.shape[0] else None
     device = batch.device
 
-    # Prefill: the prompt through every layer; the first new token is the full model's.
-    h = prefill(sm, batch, L)[L][:, -1]
+    # Prefill: the prompt through every layer (and the draft layer's own); the first new token is the full model's.
+    h = prefill(sm, batch, L, draft=draft)[L][:, -1]
     cur = sampling.pick(sm.exit_logits(h, L))
     (cur,) = batch.drop(batch.emit(cur.unsqueeze(1)), cur)
     gamma, rest, wait = spec.draft_tokens, 0, 4
@@ -90,12 +109,17 @@ def decode_speculative(sm, batch: Batch, spec: Speculative, sampling: Sampling, 
         x = cur
         while True:  # feed x through layers 1..k; unless the draft is complete, draft the next token from it
             pos = batch.feed(1)
-            h = arch.run_layers(arch.embed(x.unsqueeze(1)), 0, k, attention_mask=batch.mask, position_ids=pos,
+            h = arch.run_layers(arch.embed(x.unsqueeze(1)), 0, s, attention_mask=batch.mask, position_ids=pos,
                                 cache=batch.cache)
             hs.append(h)
+            if draft is not None:  # always, so the draft's slots hold every fed token as the model's layers do
+                d = draft.hidden(arch, h, attention_mask=batch.mask, position_ids=pos, cache=batch.cache)
             if len(drafts) >= budget:
                 break
-            z = arch.logits(h[:, -1], norm=norm_k, head=small if small is not None else head_k)
+            if draft is not None:
+                z = draft.logits(arch, d[:, -1])
+            else:
+                z = arch.logits(h[:, -1], norm=norm_k, head=small if small is not None else head_k)
             if sampling.greedy:
                 col = z.argmax(-1)
             else:
@@ -109,7 +133,7 @@ def decode_speculative(sm, batch: Batch, spec: Speculative, sampling: Sampling, 
                 if bool((top < spec.draft_confidence).any()):
                     budget = len(drafts)
         g = len(drafts)  # g drafts; g + 1 fed tokens (the last accepted token and the drafts)
-        hv = arch.run_layers(torch.cat(hs, 1), k, L, attention_mask=batch.mask,
+        hv = arch.run_layers(torch.cat(hs, 1), s, L, attention_mask=batch.mask,
                              position_ids=positions_of_last(batch, g + 1), cache=batch.cache)
         logits = sm.exit_logits(hv, L)  # [B, g+1, V]: the full model's next token after each fed token
         D = torch.stack(drafts, 1) if g else cur.new_zeros(batch.size, 0)

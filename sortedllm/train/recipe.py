@@ -85,6 +85,11 @@ def main(argv: list[str]) -> int:
 
         dry_run(script, args)
         return 0
-    final = train(script, args)
+    if args.mode == "draft":  # a draft layer on the frozen --base model: its own short loop (train/draft_layer.py)
+        from .draft_layer import train as train_draft_layer
+
+        final = train_draft_layer(script, args)
+    else:
+        final = train(script, args)
     print(f"saved {final}")
     return 0

@@ -18,7 +18,7 @@ from ..models import Architecture
 from .loss import multi_exit_loss
 from .schedules import make_schedule
 
-MODES = ("soft", "sft", "ict")
+MODES = ("soft", "sft", "ict", "draft")
 
 
 @dataclass
@@ -29,8 +29,17 @@ class SoFTConfig(SFTConfig):
     exits: str | None = field(default=None, metadata={
         "help": "Exit layers: a list like 9,18,30, 'every:3' or 'count:8' (default count:8 from 30 percent depth)."})
     mode: str = field(default="soft", metadata={
-        "help": "soft (mean loss over all exits), sft (last exit only: the paper's SFT baseline) or ict (per-exit "
-                "heads on the frozen --base model: the paper's SFT+ICT baseline, or ICT after SoFT)."})
+        "help": "soft (mean loss over all exits), sft (last exit only: the paper's SFT baseline), ict (per-exit "
+                "heads on the frozen --base model: the paper's SFT+ICT baseline, or ICT after SoFT) or draft (a draft "
+                "layer for self-speculative decoding on the frozen --base model: train/draft_layer.py)."})
+    draft_shared: int | None = field(default=None, metadata={
+        "help": "--mode draft: layers the draft shares with the model (default: the base's first exit minus "
+                "draft_layers, so the draft costs what that exit costs)."})
+    draft_layers: int = field(default=1, metadata={"help": "--mode draft: the draft's own decoder layers."})
+    draft_vocab: int | None = field(default=8192, metadata={
+        "help": "--mode draft: the draft head's tokens (the most frequent N; 0 = all)."})
+    draft_head_lr: float = field(default=2e-4, metadata={
+        "help": "--mode draft: learning rate of the draft head's rows (the layers use learning_rate)."})
     ict_train: str = field(default="head", metadata={
         "help": "--mode ict: what each intermediate exit gets its own trained copy of: head (norm + LM head, the "
                 "paper) or norm (norm only; the LM head stays shared)."})
@@ -66,8 +75,8 @@ class SoFTConfig(SFTConfig):
         if not self.distill_temperature > 0:
             raise SortedError(f"distill_temperature must be > 0 (got {self.distill_temperature})")
         if self.distill_alpha > 0 and self.mode != "soft":
-            why = "trains the last exit only: nothing to distill" if self.mode == "sft" else \
-                "trains per-exit heads, which are not distilled"
+            why = {"sft": "trains the last exit only: nothing to distill", "ict": "trains per-exit heads, which "
+                   "are not distilled"}.get(self.mode, "distils into the draft layer by itself")
             raise SortedError(f"distill_alpha needs mode soft (mode {self.mode} {why}); set --distill_alpha 0")
         resolve_impl(self.loss_impl, torch.device("cuda" if torch.cuda.is_available() else "cpu"),
                      distill=self.distill_alpha > 0)

@@ -175,3 +175,35 @@ def test_cli_bad_data_one_line(tiny_checkpoint, tmp_path, capsys):
     err = capsys.readouterr().err
     assert code == 2 and err.startswith("error: ") and "missing.jsonl" in err and len(err.splitlines()) == 1
     assert not (tmp_path / "ev").exists()
+
+
+def test_draft_layer_measured_as_its_exit(tokenizer, tmp_path):
+    """An untrained draft layer over the full vocabulary is exit 3 itself: the same per-position agreement and
+    accepted drafts as exit 3's, its own step costs measured, and `evaluate(..., draft_layer=file)` reports it
+    (results.json details and report.md)."""
+    from sortedllm.evaluate.agreement import draft_layer_runs
+    from sortedllm.evaluate.report import build
+    from sortedllm.inference.draft_layer import DraftLayer
+    from tests.inference.conftest import PROMPTS, draftable
+
+    sm = draftable("llama", tokenizer)
+    draft = DraftLayer.from_model(sm, shared=2, layers=1, vocab=None)
+    gens = generate(sm, PROMPTS[:4], max_new_tokens=12)
+    prompt_ids, conts = encode_prompts(sm, PROMPTS[:4]), [g.token_ids for g in gens]
+    runs = agreement_runs(sm, prompt_ids, conts, [3], draft_vocab=None)
+    assert draft_layer_runs(sm, draft, prompt_ids, conts) == runs["top1"][3]
+    assert 0 < sum(map(sum, runs["top1"][3])) < sum(map(len, runs["top1"][3]))  # neither all nor nothing
+
+    path = draft.save(tmp_path / "draft_layer.safetensors")
+    res = evaluate({"A": sm}, ["agreement"], exits=[3], limit=4, max_new_tokens=12, progress=False, timing_rounds=1,
+                   data_file=None, draft_layer=str(path))
+    d = res["details"]["agreement"]["draft_layer"]["A"]
+    exit3 = res["tasks"]["agreement"]["A"]["3"]
+    assert (d["exit"], d["shared"], d["own_layers"]) == (3, 2, 1)
+    assert d["top1_agreement"] == exit3["top1_agreement"] and d["positions"] == exit3["positions"]
+    assert d["accepted_by_draft_length"] == exit3["accepted_by_draft_length"]
+    assert d["speedup_by_draft_length"] == pytest.approx(
+        speedups(d["accepted_by_draft_length"], d["t_full_ms"], d["t_draft_ms"], d["t_feed_ms"],
+                 d["t_verify_ms_by_draft_length"]))
+    assert all(t > 0 for t in [d["t_draft_ms"], d["t_feed_ms"], *d["t_verify_ms_by_draft_length"]])
+    assert "| draft layer 3 (" in build(res, {})
