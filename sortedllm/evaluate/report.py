@@ -78,17 +78,15 @@ def agreement_section(results: dict, detail: dict) -> list[str]:
                   f"of positions. Cells: accepted(g) / predicted speedup.", "",
                   "| exit | t_draft ms | " + " | ".join(f"g={g}" for g in detail["draft_lengths"]) + " |",
                   "|" + "---|" * (g_max + 2)]
-        for k in sorted(by_exit, key=int):
-            m = by_exit[k]
+        rows = [(k, by_exit[k]) for k in sorted(by_exit, key=int)]
+        d = detail.get("draft_layer", {}).get(name)
+        if d:  # a trained draft layer at exit k's cost (inference/draft_layer.py)
+            rows.append((f"draft layer {d['exit']} ({_fmt(d['top1_agreement'])} agree)", d))
+        for label, m in rows:
             sp = m.get("speedup_by_draft_length") or [None] * g_max
             cells = [f"{_fmt(a)} / {_fmt(s)}" if s is not None else _fmt(a)
                      for a, s in zip(m["accepted_by_draft_length"], sp)]
-            lines.append(f"| {k} | {_fmt(m.get('t_draft_ms'))} | " + " | ".join(cells) + " |")
-        d = detail.get("draft_layer", {}).get(name)
-        if d:  # a trained draft layer at exit k's cost (inference/draft_layer.py)
-            cells = [f"{_fmt(a)} / {_fmt(s)}" for a, s in zip(d["accepted_by_draft_length"], d["speedup_by_draft_length"])]
-            lines.append(f"| draft layer {d['exit']} ({_fmt(d['top1_agreement'])} agree) | {_fmt(d['t_draft_ms'])} | "
-                         + " | ".join(cells) + " |")
+            lines.append(f"| {label} | {_fmt(m.get('t_draft_ms'))} | " + " | ".join(cells) + " |")
         lines.append("")
         oracle = detail.get("oracle_early_exit", {}).get(name)
         if oracle:

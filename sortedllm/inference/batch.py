@@ -229,7 +229,8 @@ def prefill(sm, batch: Batch, end: int, keep=(), draft=None) -> dict[int, torch.
     if len(parts) > 1:
         if draft is not None:
             draft.ensure_slots(batch.cache)
-        for i in [*range(end), *(draft.slots if draft is not None else ())]:  # left-pad each group's entries to the batch width, then store them as one update
+        # left-pad each group's entries to the batch width, then store them as one update
+        for i in [*range(end), *(draft.slots if draft is not None else ())]:
             keys = values = None
             for idx, n, cache in parts:
                 layer = cache.layers[i]
