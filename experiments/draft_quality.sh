@@ -127,13 +127,13 @@ stage_oracle() {  # the best any confidence early-exit rule could do with the re
     done
 }
 
-stage_draftlayer() {  # a trained draft layer on the frozen recipe (Kangaroo-style), at exit 9's draft cost
-    need_recipe
+stage_draftlayer() {  # a trained draft layer on the frozen recipe (Kangaroo-style), at exit 9's draft cost:
+    need_recipe         # layers 1..7 shared + trained copies of layers 8 and 9 + norm + the draft head's 8k rows
     if [ ! -f runs/draft-layer/draft_layer.safetensors ]; then
         # 3,500 GSM8K training rows need the full split (../shared/data here; the built-in copy holds 1,000)
         SORTEDLLM_DATA_DIR=${SORTEDLLM_DATA_DIR:-../shared/data} sortedllm train --mode draft --base "$DRAFT/final" \
-            --draft_shared 8 --draft_layers 1 --data gsm8k --data_limit 3500 --max_steps 2500 --learning_rate 1e-3 --per_device_train_batch_size 8 \
-            --max_length 384 --output_dir runs/draft-layer
+            --draft_shared 7 --draft_layers 2 --data gsm8k --data_limit 3500 --max_steps 2500 --learning_rate 1e-3 \
+            --per_device_train_batch_size 8 --max_length 384 --output_dir runs/draft-layer
     fi
     # the recipe's exits and its draft layer, on the same 30 GSM8K test prompts as the other agreement results
     evaluate draft-layer --model "$DRAFT/final" --names draft-quality --tasks agreement --limit "$LIMIT" \

@@ -93,7 +93,7 @@ TABLE = [
         env={CRASH_ENV: "enospc:1@final"}, quiet=False),
     Row("train-draft-no-base", TRAIN + " --mode draft", "--mode draft needs --base <checkpoint>"),
     Row("train-draft-shared-out-of-range", TRAIN + " --mode draft --base {sorted} --draft_shared 6",
-        "a draft of 6 shared + 1 own layer(s) must end before the last layer (this model has 6)"),
+        "a draft of 6 shared + 2 own layer(s) must end before the last layer (this model has 6)"),
     # -- evaluate -------------------------------------------------------------------------------------------------
     Row("evaluate-model-missing-path", "evaluate --model {tmp}/no-such-model", "model path not found: "),
     Row("evaluate-model-unsupported-arch", "evaluate --model {gpt2}", "unsupported architecture 'gpt2'"),

@@ -1,8 +1,9 @@
 """Train a draft layer (inference/draft_layer.py) for a frozen sorted model: KL(last layer || draft) over the
 draft vocabulary at the answer positions of prompt/completion rows.
 
-    sortedllm train --mode draft --base runs/draft-quality/final --draft_shared 8 --data gsm8k --data_limit 3500 \
-        --max_steps 2500 --learning_rate 1e-3 --per_device_train_batch_size 8 --output_dir runs/draft-layer
+    sortedllm train --mode draft --base runs/draft-quality/final --draft_shared 7 --draft_layers 2 --data gsm8k \
+        --data_limit 3500 --max_steps 2500 --learning_rate 1e-3 --per_device_train_batch_size 8 \
+        --output_dir runs/draft-layer
 
 writes `<output_dir>/draft_layer.safetensors`; `sortedllm generate --speculative 9 --draft_layer <file>` drafts
 with it. The model is frozen, so each row's layer-`shared` states and the last layer's logits over the draft
@@ -51,7 +52,7 @@ def draft_kl(sm, draft: DraftLayer, h: torch.Tensor, where: torch.Tensor, teache
                     log_target=True, reduction="sum")
 
 
-def train_draft(sm, examples: list[dict], *, shared: int, layers: int = 1, vocab: int | None = 8192,
+def train_draft(sm, examples: list[dict], *, shared: int, layers: int = 2, vocab: int | None = 8192,
                 steps: int = 1000, batch: int = 8, lr: float = 1e-3, head_lr: float = 2e-4, seed: int = 0,
                 progress: bool = False) -> tuple[DraftLayer, list[float]]:
     """A draft layer on `sm` (frozen), trained on `examples` (encoded rows); returns it and the loss per step.

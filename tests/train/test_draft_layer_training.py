@@ -51,7 +51,7 @@ def test_loss_is_kl_to_the_last_layer_and_training_lowers_it(tokenizer):
 def test_cli_trains_a_draft_layer_and_generate_uses_it(tiny_checkpoint, tmp_path):
     out = tmp_path / "draft"
     r = run_cli("train", "--mode", "draft", "--base", tiny_checkpoint, "--data", "gsm8k", "--data_limit", 8,
-                "--max_steps", 3, "--per_device_train_batch_size", 2, "--max_length", 192, "--draft_shared", 2,
+                "--max_steps", 3, "--per_device_train_batch_size", 2, "--max_length", 192, "--draft_shared", 2, "--draft_layers", 1,
                 "--output_dir", out, "--disable_tqdm", "true")
     assert r.returncode == 0, r.stderr[-3000:]
     path = out / "draft_layer.safetensors"
