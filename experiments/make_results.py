@@ -87,6 +87,7 @@ PAPER_COST = {"time": 0.98, "memory": 1.25}
 DECODE_TASKS = [("pandalm", "PandaLM"), ("triviaqa", "TriviaQA"), ("gsm8k", "GSM8K")]
 TOLERANCE = 0.05  # a ratio within 5% of the paper's counts as reproduced
 ORACLE = "early-exit-oracle"  # experiments/results/<ORACLE>-<task>: draft_quality.sh oracle
+DRAFT_LAYER = "draft-layer"  # experiments/results/<DRAFT_LAYER>*: agreement runs with --draft_layer (draftlayer stage)
 
 
 # ---------------------------------------------------------------------------------------------------- reading
@@ -126,6 +127,8 @@ def evaluate_command(res: dict, folder: str) -> str:
             args += ["--judge", s["judge"]]
     if "similarity" in tasks and s.get("positions", 20) != 20:
         args += ["--positions", str(s["positions"])]
+    if s.get("draft_layer"):
+        args += ["--draft_layer", str(s["draft_layer"])]
     return " ".join(args + ["--output_dir", folder])
 
 
@@ -616,6 +619,36 @@ def oracle_section(results_dir: Path, shown: str, v: Verdicts) -> list[str]:
     return out
 
 
+def draft_layer_section(results_dir: Path, shown: str, v: Verdicts) -> list[str]:
+    """Trained draft layers on the frozen recipe (`sortedllm train --mode draft`), as the agreement task measured
+    them beside the model's own exit of the same cost."""
+    rows, cmds, best = [], [], None
+    for path in sorted(results_dir.glob(f"{DRAFT_LAYER}*/results.json")):
+        res = load_json(path)
+        for model, d in res["details"].get("agreement", {}).get("draft_layer", {}).items():
+            own = res["tasks"]["agreement"][model].get(str(d["exit"]), {}).get("top1_agreement")
+            rows.append([path.parent.name, f"{d['shared']} shared + {d['own_layers']} own", str(d["exit"]),
+                         fmt(d["top1_agreement"]), fmt(own), fmt(d["accepted_by_draft_length"][3]),
+                         f"{fmt(d['best_speedup'], 'x')} (g = {d['best_draft_length']})"])
+            cmds.append(f"`{evaluate_command(res, f'{shown}/{path.parent.name}')}`")
+            if best is None or d["top1_agreement"] > best[0]:
+                best = (d["top1_agreement"], d["exit"], own, path.parent.name)
+    if not rows:
+        return []
+    out = ["", "### A trained draft layer on the frozen recipe", "",
+           "The model stays frozen (its last exit unchanged); a draft branch of the same cost as exit k (the first "
+           "layers shared, trained copies of the next ones, of the norm and of the draft head's rows) is trained "
+           "by KL to the last layer (docs/draft-quality.md). Top-1 agreement with the last layer on its own greedy "
+           "answers, beside exit k's own in the same run.", ""]
+    out += table(["run", "draft", "cost of exit", "draft top-1 agreement", "exit's own top-1 agreement",
+                  "accepted of 4 drafts", "best predicted speedup"], rows)
+    out += ["", "Commands: " + "; ".join(cmds) + "."]
+    v.add(f"A draft branch at exit {best[1]}'s cost agrees with the last layer on >= 65% of tokens",
+          "yes" if best[0] >= 0.65 else "no", f"{best[0]:.3f} ({best[3]}); exit {best[1]} itself {fmt(best[2])}",
+          "-", "beyond the paper")
+    return out
+
+
 def cost_section(rows: list | None, v: Verdicts) -> list[str]:
     if not rows:
         return ["*Not measured yet: `benchmarks/results/train.json` is missing. Run `python benchmarks/bench_train.py`.*"]
@@ -739,6 +772,7 @@ def build(results_dir: Path, bench_dir: Path, root: Path, figs: Path, rel: str, 
         last = (steps, name) == runs[-1]
         out += draft_section(load_json(results_dir / name / "results.json"), f"{shown_results}/{name}",
                              v if last else None, figs, rel, "" if name == DRAFT_QUALITY else f"_{steps}")
+    out += draft_layer_section(results_dir, shown_results, v)
     out += ["", "## Verdict", "",
             "Computed from the numbers above. Rules: a claim \"A beats B at every intermediate exit\" compares the "
             "exits before the last; *reproduces* when it holds at all of them, *partly reproduces* at more than half, "

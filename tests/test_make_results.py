@@ -33,6 +33,10 @@ def evaluated(tmp_path_factory, tiny_checkpoint, tokenizer):
         sm.config.mode = mode
         sm.save_pretrained(root / name)
         ck[name] = str(root / name)
+    from sortedllm.inference.draft_layer import DraftLayer
+
+    draft = root / "draft_layer.safetensors"  # untrained over the full vocabulary: it drafts exactly as exit 2
+    DraftLayer.from_model(SortedModel.from_pretrained(ck["soft"]), shared=1, layers=1, vocab=None).save(draft)
     results = root / "results"
     runs = {
         "quick-loss": ["--model", ck["soft"], "--compare", f"{ck['sft']},{tiny_checkpoint}", "--names",
@@ -47,6 +51,8 @@ def evaluated(tmp_path_factory, tiny_checkpoint, tokenizer):
                              "--tasks", "loss", "--limit", "2"],
         "early-exit-oracle-gsm8k": ["--model", ck["soft"], "--names", "draft-quality", "--tasks", "agreement",
                                     "--data_file", "agreement=gsm8k:test", "--limit", "2", "--max_new_tokens", "4"],
+        "draft-layer-tiny": ["--model", ck["soft"], "--names", "draft-quality", "--tasks", "agreement", "--limit", "2",
+                             "--max_new_tokens", "4", "--draft_layer", str(draft)],
     }
     for name, argv in runs.items():
         assert main(["evaluate", *argv, "--output_dir", str(results / name), "--no_progress"]) == 0
@@ -89,7 +95,8 @@ def test_report_from_real_evaluations(evaluated, tmp_path):
 
     # Each table cites the command that made it, rebuilt from results.json: it is the command that ran.
     for name, argv in runs.items():  # (the oracle's is cited after the script that runs it, once per task)
-        lead = "which runs " if name.startswith("early-exit-oracle") else "Command: "
+        lead = "which runs " if name.startswith("early-exit-oracle") else \
+            "Commands: " if name.startswith("draft-layer") else "Command: "
         assert f"{lead}`sortedllm evaluate {' '.join(argv)} --output_dir {results}/{name}`" in md
 
     # Missing results: the section names the command, nothing crashes.
@@ -225,3 +232,18 @@ def test_oracle_section_without_a_draft_exit(evaluated, tmp_path):
     md = render(results, tmp_path / "no-bench", tmp_path / "docs")
     row = next(line for line in md.split("### Early-exit ceiling")[1].splitlines() if line.startswith("| GSM8K |"))
     assert row.endswith("| 1.000 | - |")
+
+
+def test_draft_layer_section(evaluated, tmp_path):
+    """The draft layer's row: its agreement beside its exit's own (equal here: the untrained draft is exit 2), and
+    the verdict computed from it."""
+    results, _ = evaluated
+    md = render(results, tmp_path / "no-bench", tmp_path / "docs")
+    res = json.loads((results / "draft-layer-tiny" / "results.json").read_text())
+    d = res["details"]["agreement"]["draft_layer"]["draft-quality"]
+    own = res["tasks"]["agreement"]["draft-quality"]["2"]["top1_agreement"]
+    assert d["top1_agreement"] == own
+    section = md.split("### A trained draft layer on the frozen recipe")[1]
+    assert f"| draft-layer-tiny | 1 shared + 1 own | 2 | {own:.3f} | {own:.3f} |" in section
+    row = verdict(md, "A draft branch at exit 2's cost agrees with the last layer on >= 65% of tokens")
+    assert row[1] == ("yes" if own >= 0.65 else "no") and row[2].startswith(f"{own:.3f} (draft-layer-tiny)")

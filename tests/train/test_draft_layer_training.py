@@ -27,7 +27,7 @@ def test_loss_is_kl_to_the_last_layer_and_training_lowers_it(tokenizer):
     rows = examples(tokenizer)
     before = {n: p.clone() for n, p in sm.model.state_dict().items()}
     # At initialisation the draft is exit 3 itself: its loss is KL(last || exit 3) over the subset's logits.
-    draft = DraftLayer.from_model(sm, shared=2, layers=1, vocab=8192)
+    draft = DraftLayer.from_model(sm, shared=1, layers=2, vocab=8192)
     (h, where, teacher), = cache_features(sm, rows[:1], draft)
     ids = torch.tensor([rows[0]["input_ids"]])
     with torch.no_grad():
@@ -37,7 +37,7 @@ def test_loss_is_kl_to_the_last_layer_and_training_lowers_it(tokenizer):
                          log_target=True, reduction="sum")
         assert torch.allclose(draft_kl(sm, draft, h, where, teacher), naive, rtol=2e-2, atol=1e-3)  # fp16 teacher
 
-    trained, losses = train_draft(sm, rows, shared=2, layers=1, vocab=8192, steps=30, batch=4, lr=3e-3)
+    trained, losses = train_draft(sm, rows, shared=1, layers=2, vocab=8192, steps=30, batch=4, lr=3e-3)
     assert sum(losses[-5:]) / 5 < 0.7 * sum(losses[:5]) / 5, losses
     for n, p in sm.model.state_dict().items():
         assert torch.equal(p, before[n]), n  # the model itself is frozen
