@@ -8,7 +8,7 @@ draft vocabulary at the answer positions of prompt/completion rows.
 writes `<output_dir>/draft_layer.safetensors`; `sortedllm generate --speculative 9 --draft_layer <file>` drafts
 with it. The model is frozen, so each row's layer-`shared` states and the last layer's logits over the draft
 vocabulary are computed once and kept (bf16 / fp16) for every epoch: on a CPU that frozen forward is most of a
-step's cost. Written as a plain loop because no library trains a branch on cached features of a frozen model
+step's cost. They are held in memory: ~1.8 MB per GSM8K row on the default model (3,500 rows: ~6.5 GB). Written as a plain loop because no library trains a branch on cached features of a frozen model
 (the Trainer would recompute the frozen forward every step); the file is written atomically at the end.
 """
 
