@@ -164,13 +164,11 @@ def measure_draft_layer(sm, draft, prompt_ids, continuations, rounds: int = ROUN
     """The agreement task's metrics for a trained draft layer (inference/draft_layer.py), priced as its
     self-speculation round costs: g x (layers 1..s + its own + its head) + a feed + verify(g) on layers s+1..L."""
     runs = draft_layer_runs(sm, draft, prompt_ids, continuations, progress)
-    lengths = sorted(range(len(prompt_ids)), key=lambda i: len(prompt_ids[i]) + len(continuations[i]))
-    mid = lengths[len(lengths) // 2]
-    cost = step_costs(sm, prompt_ids[mid] + continuations[mid], [], rounds=rounds, draft=draft)
+    cost = step_costs(sm, typical_context(prompt_ids, continuations), [], rounds=rounds, draft=draft)
     accepted = accepted_tokens(runs)
     t_verify = [cost[("verify", draft.shared, g)] for g in range(1, MAX_DRAFT + 1)]
     sp = speedups(accepted, cost[("full",)], cost[("draft", "layer")], cost[("feed", "layer")], t_verify)
-    best = max(range(MAX_DRAFT), key=lambda i: sp[i] if sp[i] is not None else -1.0)
+    best = best_length(sp)
     flat = [a for seq in runs for a in seq]
     return {"exit": draft.exit, "shared": draft.shared, "own_layers": len(draft.layers), "vocab": len(draft.head.ids),
             "top1_agreement": sum(flat) / len(flat) if flat else None, "positions": len(flat),
@@ -267,6 +265,18 @@ def step_costs(sm, context: list[int], exits: list[int], draft_vocab: int | None
     return {key: statistics.median(v) for key, v in times.items()}
 
 
+def typical_context(prompt_ids: list[list[int]], continuations: list[list[int]]) -> list[int]:
+    """Steps are timed at a typical context: the median-length prompt + answer."""
+    lengths = sorted(range(len(prompt_ids)), key=lambda i: len(prompt_ids[i]) + len(continuations[i]))
+    mid = lengths[len(lengths) // 2]
+    return prompt_ids[mid] + continuations[mid]
+
+
+def best_length(sp: list[float | None]) -> int:
+    """Index of the best predicted speedup (a None, where nothing was accepted, never wins)."""
+    return max(range(len(sp)), key=lambda i: sp[i] if sp[i] is not None else -1.0)
+
+
 def speedups(accepted: list[float | None], t_full: float, t_draft: float, t_feed: float,
              t_verify: list[float]) -> list[float | None]:
     """Predicted speedup over plain greedy for g = 1..len(t_verify): tokens per round x plain step cost / round cost."""
@@ -303,9 +313,7 @@ def measure_model(sm, prompt_ids: list[list[int]], continuations: list[list[int]
     L = sm.num_layers
     runs = agreement_runs(sm, prompt_ids, continuations, exits, draft_vocab=draft_vocab, batch_size=batch_size,
                           progress=progress)
-    lengths = sorted(range(len(prompt_ids)), key=lambda i: len(prompt_ids[i]) + len(continuations[i]))
-    mid = lengths[len(lengths) // 2]  # time at a typical context: the median-length prompt + answer
-    context = prompt_ids[mid] + continuations[mid]
+    context = typical_context(prompt_ids, continuations)
     cost = step_costs(sm, context, exits, draft_vocab=draft_vocab, rounds=rounds)
     t_full = cost[("full",)]
     out = {}
@@ -320,7 +328,7 @@ def measure_model(sm, prompt_ids: list[list[int]], continuations: list[list[int]
         if k < L:
             t_verify = [cost[("verify", k, g)] for g in range(1, MAX_DRAFT + 1)]
             sp = speedups(accepted, t_full, cost[("draft", k)], cost[("feed", k)], t_verify)
-            best = max(range(MAX_DRAFT), key=lambda i: sp[i] if sp[i] is not None else -1.0)
+            best = best_length(sp)
             m.update(speedup_by_draft_length=sp, best_draft_length=best + 1 if sp[best] is not None else None,
                      best_speedup=sp[best], t_draft_ms=1e3 * cost[("draft", k)], t_feed_ms=1e3 * cost[("feed", k)],
                      t_verify_ms_by_draft_length=[1e3 * t for t in t_verify], t_exit_ms=1e3 * cost[("exit", k)])
