@@ -2,7 +2,8 @@
 # Draft quality (issue 10): SoFT + self-distillation so that shallow exits predict what the last layer predicts,
 # measured by the `agreement` evaluation task (docs/draft-quality.md).
 #
-#   bash experiments/draft_quality.sh train      # configs/draft-quality.yaml -> runs/draft-quality/final (resumable)
+#   bash experiments/draft_quality.sh train      # experiments/configs/draft-quality.yaml -> runs/draft-quality/final
+#                                                # (resumable)
 #   bash experiments/draft_quality.sh eval       # loss + agreement vs SoFT -> experiments/results/draft-quality
 #   bash experiments/draft_quality.sh equal40    # SoFT vs SoFT+distill at 40 steps each -> .../draft-quality-40
 #   bash experiments/draft_quality.sh baseline   # optional: SoFT without distillation, same config and steps as train
@@ -28,6 +29,7 @@ export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}   # one thread per job: on the shar
 OUT=experiments/results
 LIMIT=${LIMIT:-30}                             # GSM8K test prompts for the agreement task and held-out rows for loss
 DRAFT=runs/draft-quality
+CONFIG=experiments/configs/draft-quality.yaml   # the recipe
 ONPOLICY=runs/onpolicy                         # the on-policy stage's prompts, answers and training run
 # SoFT without distillation to compare with: the same-steps baseline when it has been trained, else the 40-step one.
 SOFT=${SOFT:-$([ -f runs/draft-quality-soft/final/sorted_config.json ] && echo runs/draft-quality-soft/final \
@@ -49,9 +51,9 @@ evaluate() {  # evaluate <name> <args...> : skipped when its results.json exists
     sortedllm evaluate "$@" --output_dir "$OUT/$name"
 }
 
-stage_train() { train "$DRAFT" --config configs/draft-quality.yaml; }
+stage_train() { train "$DRAFT" --config "$CONFIG"; }
 
-stage_baseline() { train runs/draft-quality-soft --config configs/draft-quality.yaml --distill_alpha 0; }
+stage_baseline() { train runs/draft-quality-soft --config "$CONFIG" --distill_alpha 0; }
 
 stage_eval() {
     need_recipe
@@ -67,7 +69,7 @@ stage_equal40() {  # the same 40 steps (configs/quickstart.yaml) with and withou
     train runs/distill40 --config configs/quickstart.yaml --distill_alpha 0.8
     evaluate draft-quality-40 --model runs/distill40/final --compare runs/quickstart/final --names soft-distill,soft \
         --tasks loss,agreement --limit "$LIMIT"
-    # The same with the last exit carrying half the loss (configs/draft-quality.yaml's weighting).
+    # The same with the last exit carrying half the loss (the recipe's weighting).
     train runs/distill40w --config configs/quickstart.yaml --distill_alpha 0.8 --exit_schedule weights \
         --exit_weights 1,1,1,1,1,1,1,7
     evaluate draft-quality-40w --model runs/distill40w/final --names soft-distill-lastw --tasks loss,agreement \
@@ -102,7 +104,7 @@ print("\n".join(json.dumps({"prompt": r["prompt"], "completion": r["text"]}) for
         mv "$data/train.jsonl.tmp" "$data/train.jsonl"
     fi
     # alpha 1: the students learn only the last layer's distribution; the last exit keeps its cross-entropy (weight 7)
-    train "$dir" --config configs/draft-quality.yaml --model "$from" --data "$data/train.jsonl" --distill_alpha 1.0 \
+    train "$dir" --config "$CONFIG" --model "$from" --data "$data/train.jsonl" --distill_alpha 1.0 \
         --max_steps 60 --learning_rate 1e-4 --warmup_steps 0 --save_steps 20
     evaluate draft-quality-onpolicy --model "$dir/final" --compare "$from" --names onpolicy-285,distill-225 \
         --tasks loss,agreement --limit "$LIMIT"
@@ -111,7 +113,7 @@ print("\n".join(json.dumps({"prompt": r["prompt"], "completion": r["text"]}) for
 stage_focus() {  # all of the students' loss on exit 9: exits 9 and 30 only, pure distillation (alpha 1) at exit 9
     need_recipe
     [ -f "$ONPOLICY/train.jsonl" ] || { echo "need $ONPOLICY/train.jsonl: run '$0 onpolicy' first" >&2; exit 1; }
-    train runs/focus9 --config configs/draft-quality.yaml --model "$DRAFT/final" --data "$ONPOLICY/train.jsonl" \
+    train runs/focus9 --config "$CONFIG" --model "$DRAFT/final" --data "$ONPOLICY/train.jsonl" \
         --exits 9,30 --exit_weights 1,1 --distill_alpha 1.0 --max_steps 300 --learning_rate 1e-4 --warmup_steps 0 \
         --save_steps 50 --save_total_limit 1
     # held-out loss on the recipe's data (GSM8K + Alpaca test rows), not on the model's own answers it trained on
