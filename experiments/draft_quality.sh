@@ -40,7 +40,7 @@ export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}   # one thread per job: on the shar
 OUT=experiments/results
 LIMIT=${LIMIT:-30}                             # GSM8K test prompts for the agreement task and held-out rows for loss
 DRAFT=runs/draft-quality
-CONFIG=experiments/configs/draft-quality.yaml   # the recipe
+CONFIG=experiments/configs/draft-quality.yaml  # the recipe
 ONPOLICY=runs/onpolicy                         # the on-policy stage's prompts, answers and training run
 # SoFT without distillation to compare with: the same-steps baseline when it has been trained, else the 40-step one.
 SOFT=${SOFT:-$([ -f runs/draft-quality-soft/final/sorted_config.json ] && echo runs/draft-quality-soft/final \
