@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
-# Draft quality (issue 10): SoFT + self-distillation so that shallow exits predict what the last layer predicts,
+# Draft quality: SoFT + self-distillation so that shallow exits predict what the last layer predicts,
 # measured by the `agreement` evaluation task (docs/draft-quality.md).
 #
-#   bash experiments/draft_quality.sh train      # configs/draft-quality.yaml -> runs/draft-quality/final (resumable)
+#   bash experiments/draft_quality.sh train      # experiments/configs/draft-quality.yaml -> runs/draft-quality/final
+#                                                # (resumable)
 #   bash experiments/draft_quality.sh eval       # loss + agreement vs SoFT -> experiments/results/draft-quality
 #   bash experiments/draft_quality.sh equal40    # SoFT vs SoFT+distill at 40 steps each -> .../draft-quality-40
 #   bash experiments/draft_quality.sh baseline   # optional: SoFT without distillation, same config and steps as train
@@ -20,14 +21,26 @@
 # Every stage skips work that is done: a training run whose final/ exists, an evaluation whose results.json exists
 # (delete it to measure again). An interrupted training run continues from its last checkpoint (--resume auto,
 # a checkpoint every 25 steps), so `train` can be rerun session after session. Checkpoints live under runs/ (not
-# committed); the numbers quoted in docs/draft-quality.md come from the results.json files written here.
+# committed); the numbers quoted in docs/draft-quality.md come from the results.json files written here, listed in
+# experiments/README.md.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+
+USAGE="usage: $0 train|eval|equal40|baseline|step N|onpolicy|focus|oracle|draftlayer|all"
+fail() { echo "error: $1" >&2; exit 2; }
+case ${1:-} in
+train | baseline | eval | equal40 | onpolicy | focus | oracle | draftlayer | all) ;;
+step) [[ ${2:-} =~ ^[1-9][0-9]*$ ]] || fail "step needs a checkpoint step number, e.g. 'step 225' (got '${2:-}')" ;;
+"") fail "no stage given; $USAGE" ;;
+*) fail "unknown stage '$1'; $USAGE" ;;
+esac
+[ -f .venv/bin/activate ] || fail "no .venv here: run 'bash scripts/setup.sh' first"
 . .venv/bin/activate
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}   # one thread per job: on the shared 2-core machine it is faster
 OUT=experiments/results
 LIMIT=${LIMIT:-30}                             # GSM8K test prompts for the agreement task and held-out rows for loss
 DRAFT=runs/draft-quality
+CONFIG=experiments/configs/draft-quality.yaml  # the recipe
 ONPOLICY=runs/onpolicy                         # the on-policy stage's prompts, answers and training run
 # SoFT without distillation to compare with: the same-steps baseline when it has been trained, else the 40-step one.
 SOFT=${SOFT:-$([ -f runs/draft-quality-soft/final/sorted_config.json ] && echo runs/draft-quality-soft/final \
@@ -35,7 +48,7 @@ SOFT=${SOFT:-$([ -f runs/draft-quality-soft/final/sorted_config.json ] && echo r
 
 have() { [ -f "$1/sorted_config.json" ]; }
 
-need_recipe() { have "$DRAFT/final" || { echo "no $DRAFT/final yet: run '$0 train' first" >&2; exit 1; }; }
+need_recipe() { have "$DRAFT/final" || fail "no $DRAFT/final yet: run '$0 train' first"; }
 
 train() {  # train <output_dir> <args...> : skipped when <output_dir>/final exists, else started or resumed
     local dir=$1; shift
@@ -49,14 +62,14 @@ evaluate() {  # evaluate <name> <args...> : skipped when its results.json exists
     sortedllm evaluate "$@" --output_dir "$OUT/$name"
 }
 
-stage_train() { train "$DRAFT" --config configs/draft-quality.yaml; }
+stage_train() { train "$DRAFT" --config "$CONFIG"; }
 
-stage_baseline() { train runs/draft-quality-soft --config configs/draft-quality.yaml --distill_alpha 0; }
+stage_baseline() { train runs/draft-quality-soft --config "$CONFIG" --distill_alpha 0; }
 
 stage_eval() {
     need_recipe
     [ "$SOFT" = runs/quickstart/final ] && train runs/quickstart --config configs/quickstart.yaml
-    have "$SOFT" || { echo "no SoFT checkpoint at $SOFT (set SOFT=...)" >&2; exit 1; }
+    have "$SOFT" || fail "no SoFT checkpoint at $SOFT (set SOFT=...)"
     echo "comparing with SoFT checkpoint $SOFT"
     evaluate draft-quality --model "$DRAFT/final" --compare "$SOFT" --names soft-distill,soft \
         --tasks loss,agreement --limit "$LIMIT"
@@ -67,7 +80,7 @@ stage_equal40() {  # the same 40 steps (configs/quickstart.yaml) with and withou
     train runs/distill40 --config configs/quickstart.yaml --distill_alpha 0.8
     evaluate draft-quality-40 --model runs/distill40/final --compare runs/quickstart/final --names soft-distill,soft \
         --tasks loss,agreement --limit "$LIMIT"
-    # The same with the last exit carrying half the loss (configs/draft-quality.yaml's weighting).
+    # The same with the last exit carrying half the loss (the recipe's weighting).
     train runs/distill40w --config configs/quickstart.yaml --distill_alpha 0.8 --exit_schedule weights \
         --exit_weights 1,1,1,1,1,1,1,7
     evaluate draft-quality-40w --model runs/distill40w/final --names soft-distill-lastw --tasks loss,agreement \
@@ -75,15 +88,15 @@ stage_equal40() {  # the same 40 steps (configs/quickstart.yaml) with and withou
 }
 
 stage_step() {  # the recipe and its baseline at the same checkpoint: equal steps before either run has finished
-    local n=${1:?steps, e.g. 225} a="$DRAFT/checkpoint-$1" b="runs/draft-quality-soft/checkpoint-$1"
-    have "$a" && have "$b" || { echo "need $a and $b: run 'train' and 'baseline' past step $n" >&2; exit 1; }
+    local n=$1 a="$DRAFT/checkpoint-$1" b="runs/draft-quality-soft/checkpoint-$1"
+    have "$a" && have "$b" || fail "need $a and $b: run 'train' and 'baseline' past step $n"
     evaluate "draft-quality-equal-$n" --model "$a" --compare "$b" --names soft-distill,soft --tasks loss,agreement \
         --limit "$LIMIT"
 }
 
 stage_onpolicy() {  # distil on the model's own greedy answers, where `agreement` is measured, not on the references
     local from=$DRAFT/checkpoint-225 data=$ONPOLICY dir=$ONPOLICY/distill  # the names below say 225 and 285
-    have "$from" || { echo "need $from: run 'train' past step 225" >&2; exit 1; }
+    have "$from" || fail "need $from: run 'train' past step 225"
     mkdir -p "$data"
     if [ ! -f "$data/train.jsonl" ]; then
         # 320 GSM8K training questions the recipe never saw: the built-in copy holds the first 1,000 of the 7,473 in
@@ -102,7 +115,7 @@ print("\n".join(json.dumps({"prompt": r["prompt"], "completion": r["text"]}) for
         mv "$data/train.jsonl.tmp" "$data/train.jsonl"
     fi
     # alpha 1: the students learn only the last layer's distribution; the last exit keeps its cross-entropy (weight 7)
-    train "$dir" --config configs/draft-quality.yaml --model "$from" --data "$data/train.jsonl" --distill_alpha 1.0 \
+    train "$dir" --config "$CONFIG" --model "$from" --data "$data/train.jsonl" --distill_alpha 1.0 \
         --max_steps 60 --learning_rate 1e-4 --warmup_steps 0 --save_steps 20
     evaluate draft-quality-onpolicy --model "$dir/final" --compare "$from" --names onpolicy-285,distill-225 \
         --tasks loss,agreement --limit "$LIMIT"
@@ -110,8 +123,8 @@ print("\n".join(json.dumps({"prompt": r["prompt"], "completion": r["text"]}) for
 
 stage_focus() {  # all of the students' loss on exit 9: exits 9 and 30 only, pure distillation (alpha 1) at exit 9
     need_recipe
-    [ -f "$ONPOLICY/train.jsonl" ] || { echo "need $ONPOLICY/train.jsonl: run '$0 onpolicy' first" >&2; exit 1; }
-    train runs/focus9 --config configs/draft-quality.yaml --model "$DRAFT/final" --data "$ONPOLICY/train.jsonl" \
+    [ -f "$ONPOLICY/train.jsonl" ] || fail "need $ONPOLICY/train.jsonl: run '$0 onpolicy' first"
+    train runs/focus9 --config "$CONFIG" --model "$DRAFT/final" --data "$ONPOLICY/train.jsonl" \
         --exits 9,30 --exit_weights 1,1 --distill_alpha 1.0 --max_steps 300 --learning_rate 1e-4 --warmup_steps 0 \
         --save_steps 50 --save_total_limit 1
     # held-out loss on the recipe's data (GSM8K + Alpaca test rows), not on the model's own answers it trained on
@@ -119,7 +132,7 @@ stage_focus() {  # all of the students' loss on exit 9: exits 9 and 30 only, pur
         --tasks loss,agreement --exits 9,30 --data_file "loss=gsm8k:test+alpaca:test" --limit "$LIMIT"
 }
 
-stage_oracle() {  # the best any confidence early-exit rule could do with the recipe's exits, per task (issue 5)
+stage_oracle() {  # the best any confidence early-exit rule could do with the recipe's exits, per task
     need_recipe
     for task in gsm8k triviaqa pandalm; do
         evaluate "early-exit-oracle-$task" --model "$DRAFT/final" --names draft-quality --tasks agreement \
@@ -140,16 +153,15 @@ stage_draftlayer() {  # a trained draft layer on the frozen recipe (Kangaroo-sty
         --draft_layer runs/draft-layer/draft_layer.safetensors
 }
 
-case ${1:-} in
+case $1 in  # checked at the top
 train) stage_train ;;
 baseline) stage_baseline ;;
 eval) stage_eval ;;
 equal40) stage_equal40 ;;
-step) stage_step "${2:-}" ;;
+step) stage_step "$2" ;;
 onpolicy) stage_onpolicy ;;
 focus) stage_focus ;;
 oracle) stage_oracle ;;
 draftlayer) stage_draftlayer ;;
 all) stage_train; stage_eval; stage_equal40 ;;
-*) echo "usage: $0 train|eval|equal40|baseline|step N|onpolicy|focus|oracle|draftlayer|all" >&2; exit 2 ;;
 esac

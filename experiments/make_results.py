@@ -5,8 +5,10 @@ experiments/paper.sh (`sortedllm evaluate`) and benchmarks/ wrote, so every numb
                                        [--configs .] [--out docs]
 
 A missing JSON file turns its section into one line naming the command that produces it. The verdicts are computed
-from the numbers by the rules printed beside them (no claim is written by hand), and the output is deterministic:
-the same JSON files give the same Markdown.
+from the numbers by the rules printed beside them (no claim is written by hand). Each verdict states its sample size
+and, where the JSON holds what it takes (a proportion's count, per-round rows), a 95% interval; a difference whose
+interval crosses zero is "no difference". The output is deterministic (the bootstrap is seeded): the same JSON files
+give the same Markdown.
 """
 
 from __future__ import annotations
@@ -14,8 +16,10 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import random
 import sys
 from pathlib import Path
+from statistics import median
 
 import yaml
 
@@ -51,7 +55,7 @@ def paper_train(task: str) -> dict:
     return runs
 
 BUDGETS = [
-    # the longest budget first: it is the one the issue asks for (several hundred steps)
+    # the longest budget first: several hundred steps is the budget the reproduction is judged on
     {"key": "gsm8k", "title": "Longer budget (GSM8K, 250 steps)", "stage": "gsm8k", "train": paper_train("gsm8k"),
      "dirs": {"loss": "gsm8k-accuracy", "gsm8k": "gsm8k-accuracy", "triviaqa": "gsm8k-triviaqa",
               "tournament": "gsm8k-tournament", "vs_last": "gsm8k-vs-last", "similarity": "gsm8k-similarity"}},
@@ -87,6 +91,7 @@ PAPER_COST = {"time": 0.98, "memory": 1.25}
 DECODE_TASKS = [("pandalm", "PandaLM"), ("triviaqa", "TriviaQA"), ("gsm8k", "GSM8K")]
 TOLERANCE = 0.05  # a ratio within 5% of the paper's counts as reproduced
 ORACLE = "early-exit-oracle"  # experiments/results/<ORACLE>-<task>: draft_quality.sh oracle
+EARLY_EXIT_TARGET = 1.5  # the speedup early exit is meant to reach (benchmarks/bench_decode.py's target too)
 DRAFT_LAYER = "draft-layer"  # experiments/results/<DRAFT_LAYER>*: agreement runs with --draft_layer (draftlayer stage)
 
 
@@ -203,16 +208,108 @@ def plot_per_exit(per_model: dict, task: str, metric: str, higher: bool, path: P
     return plots.per_exit(res, task, path)
 
 
+# ---------------------------------------------------------------------------------------------------- statistics
+
+Z95 = 1.959963984540054  # two-sided 95% quantile of the standard normal
+BOOTSTRAP_RESAMPLES = 10_000
+BOOTSTRAP_SEED = 0  # seeded, so the same JSON gives the same intervals
+
+
+def wilson(k: int, n: int) -> tuple[float, float]:
+    """Wilson score 95% interval of the proportion k/n (sound at 0/n and n/n, where the normal one collapses)."""
+    p, z2 = k / n, Z95 * Z95
+    centre = (p + z2 / (2 * n)) / (1 + z2 / n)
+    half = Z95 * math.sqrt(p * (1 - p) / n + z2 / (4 * n * n)) / (1 + z2 / n)
+    return max(0.0, centre - half), min(1.0, centre + half)
+
+
+def newcombe(k1: int, n1: int, k2: int, n2: int) -> tuple[float, float]:
+    """95% interval of k1/n1 - k2/n2 from the two Wilson intervals (Newcombe 1998, method 10). It treats the two
+    samples as independent: on the same questions (paired) the true interval is narrower, so this one is cautious."""
+    p1, p2 = k1 / n1, k2 / n2
+    (l1, u1), (l2, u2) = wilson(k1, n1), wilson(k2, n2)
+    d = p1 - p2
+    return d - math.hypot(p1 - l1, u2 - p2), d + math.hypot(u1 - p1, p2 - l2)
+
+
+def bootstrap(rows: list[float], stat, resamples: int = BOOTSTRAP_RESAMPLES,
+              seed: int = BOOTSTRAP_SEED) -> tuple[float, float]:
+    """Percentile 95% interval of stat(rows) over resamples of the rows with replacement. Indices come from
+    random.Random.random(), whose sequence for a seed Python keeps stable across versions."""
+    rng, n = random.Random(seed), len(rows)
+    stats = sorted(stat([rows[int(rng.random() * n)] for _ in range(n)]) for _ in range(resamples))
+    return stats[round(0.025 * (resamples - 1))], stats[round(0.975 * (resamples - 1))]
+
+
+def count_of(entry: dict, metric: str) -> int | None:
+    """The number of successes behind a proportion `metric` over `entry['n']` rows, or None if it is not one."""
+    p, n = entry.get(metric), entry.get("n")
+    if not isinstance(p, (int, float)) or not isinstance(n, int) or n <= 0:
+        return None
+    k = round(p * n)
+    return k if abs(p * n - k) < 1e-6 else None
+
+
+def side(lo: float, hi: float, higher: bool) -> str:
+    """Where a 95% interval of a - b puts a against b: "better", "worse" or "no difference" (it crosses zero)."""
+    if lo > 0 or hi < 0:
+        return "better" if (lo > 0) == higher else "worse"
+    return "no difference"
+
+
+def span(values) -> str:
+    """"60" when every value is 60, else "58-60"."""
+    vs = sorted(set(values))
+    return f"{vs[0]:,}" if len(vs) == 1 else f"{vs[0]:,}-{vs[-1]:,}"
+
+
+class Sample:
+    """The sample behind a per-exit comparison: a sentence stating its size, and (when the JSON allows) the 95%
+    interval of a - b at one exit from the two models' entries, else None."""
+
+    def __init__(self, text: str, interval=None):
+        self.text, self.interval = text, interval
+
+
+NO_ROWS = "no 95% interval: {file} holds {what}, not per-{row} values"
+
+
+def sample_of(task: str, metric: str, per_model: dict, detail: dict) -> Sample:
+    """What an evaluation task's results.json says about its sample: the size always, an interval for proportions."""
+    entries = [e for by_exit in per_model.values() for e in by_exit.values()]
+    if task in ("gsm8k", "triviaqa"):
+        ns = [e["n"] for e in entries if isinstance(e.get("n"), int)]
+
+        def interval(ea: dict, eb: dict):
+            ka, kb = count_of(ea, metric), count_of(eb, metric)
+            return None if ka is None or kb is None else newcombe(ka, ea["n"], kb, eb["n"])
+
+        return Sample(f"{span(ns)} questions per exit and model; Newcombe 95% interval of each difference (unpaired: "
+                      f"results.json holds no per-question rows)", interval)
+    if task == "loss":
+        tokens = [e["tokens"] for e in entries if isinstance(e.get("tokens"), int)]
+        return Sample(f"{span(tokens)} held-out tokens per exit; "
+                      + NO_ROWS.format(file="results.json", what="each exit's mean loss", row="row"))
+    prompts = detail.get("n_prompts")
+    positions = [e["positions"] for e in entries if isinstance(e.get("positions"), int)]
+    size = (f"{prompts} prompts" if prompts else "prompts not recorded") + (
+        f" ({span(positions)} positions per exit)" if positions else "")
+    return Sample(f"{size}; " + NO_ROWS.format(file="results.json", what="means over positions", row="prompt"))
+
+
 # ---------------------------------------------------------------------------------------------------- verdicts
 
 class Verdicts:
-    """Claims computed from the numbers: statement, answer, the numbers behind it, and how it stands to the paper."""
+    """Claims computed from the numbers: statement, answer, the numbers behind them, the sample they come from (its
+    size, and the 95% interval where it can be computed), and how the claim stands to the paper."""
 
     def __init__(self):
         self.rows: list[list[str]] = []
 
-    def add(self, claim: str, answer: str, evidence: str, paper: str, standing: str):
-        self.rows.append([claim, answer, evidence, paper, standing])
+    def add(self, claim: str, answer: str, evidence: str, sample: str, paper: str, standing: str):
+        if not sample:
+            raise ValueError(f"verdict without its sample size: {claim}")
+        self.rows.append([claim, answer, evidence, sample, paper, standing])
 
 
 def count_better(per_model: dict, a: str, b: str, metric: str, higher: bool, exits: list[int]):
@@ -247,23 +344,54 @@ def standing_from_ratio(ours: float, paper: float, higher_is_better: bool) -> st
     return "better than the paper" if rel > 0 else "does not reproduce"
 
 
+def fmt_diff(d: float, kind: str) -> str:
+    """A difference of two values: percentage points for percentages."""
+    return f"{100 * d:+.1f}" if kind == "pct" else f"{d:+.3f}"
+
+
 def compare_claim(v: Verdicts, per_model: dict | None, a: str, b: str, metric: str, higher: bool, what: str,
-                  paper: str | None, kind: str = "num"):
-    """"a beats b at every intermediate exit on <what>" (the last exit excluded: it is the full model)."""
+                  paper: str | None, sample: Sample, kind: str = "num"):
+    """"a beats b at every intermediate exit on <what>" (the last exit excluded: it is the full model). With an
+    interval per exit, an exit counts for a or b only when its interval excludes zero; else it is "no difference"."""
     if not per_model or a not in per_model or b not in per_model:
         return
     exits = exits_of({a: per_model[a], b: per_model[b]})[:-1]
-    better, n, ties = count_better(per_model, a, b, metric, higher, exits)
+    cis = {}
+    if sample.interval:
+        for k in exits:
+            ea, eb = per_model[a].get(str(k)), per_model[b].get(str(k))
+            ci = sample.interval(ea, eb) if ea and eb else None
+            if ci is not None:
+                cis[k] = ci
     vals = [(value(per_model, a, k, metric), value(per_model, b, k, metric)) for k in exits]
-    if all(x == 0 and y == 0 for x, y in vals if x is not None and y is not None) and n:
-        answer, standing = "no signal", "undecided (every value is 0)"
-    else:
-        answer = "yes" if better == n and n else "no"
-        standing = standing_from_count(better, n) if paper else "beyond the paper"
-    evidence = f"{better} of {n} exits" + (f" ({ties} tied)" if ties else "") + "; " + ", ".join(
-        f"{k}: {fmt(x, kind)} vs {fmt(y, kind)}" for k, (x, y) in zip(exits, vals))
-    v.add(f"{label(a)} beats {label(b)} at every intermediate exit on {what}", answer, evidence, paper or "-",
-          standing)
+    present = [(x, y) for x, y in vals if x is not None and y is not None]
+    all_zero = bool(present) and all(x == 0 and y == 0 for x, y in present)
+    if cis and len(cis) == len(present):
+        sides = [side(*cis[k], higher) for k in exits if k in cis]
+        better, worse, n = sides.count("better"), sides.count("worse"), len(sides)
+        answer = "yes" if better == n else "no difference" if better == worse == 0 else "no"
+        if not paper:
+            standing = "beyond the paper"
+        elif all_zero:
+            standing = "undecided (every value is 0)"
+        elif better == worse == 0:
+            standing = "undecided (no difference at any exit)"
+        else:
+            standing = standing_from_count(better, n)
+        evidence = (f"better at {better} of {n} exits, worse at {worse}, no difference at {n - better - worse}; "
+                    + ", ".join(f"{k}: {fmt(x, kind)} vs {fmt(y, kind)} ({fmt_diff(cis[k][0], kind)} to "
+                                f"{fmt_diff(cis[k][1], kind)})" for k, (x, y) in zip(exits, vals) if k in cis))
+    else:  # no interval: the point values decide, and the sample column says so
+        better, n, ties = count_better(per_model, a, b, metric, higher, exits)
+        if all_zero:
+            answer, standing = "no signal", "undecided (every value is 0)"
+        else:
+            answer = "yes" if better == n and n else "no"
+            standing = standing_from_count(better, n) if paper else "beyond the paper"
+        evidence = f"{better} of {n} exits" + (f" ({ties} tied)" if ties else "") + "; " + ", ".join(
+            f"{k}: {fmt(x, kind)} vs {fmt(y, kind)}" for k, (x, y) in zip(exits, vals))
+    v.add(f"{label(a)} beats {label(b)} at every intermediate exit on {what}", answer, evidence, sample.text,
+          paper or "-", standing)
 
 
 # ---------------------------------------------------------------------------------------------------- sections
@@ -324,11 +452,14 @@ def quality_section(b: Budget, v: Verdicts, figs: Path, rel: str) -> list[str]:
             out.append(b.missing(exp))
             continue
         detail = b.res[exp]["details"].get(task, {})
-        n = next((m.get("n") for m in per_model.values() for e in m.values() if isinstance(e.get("n"), int)), None)
+        entries = [e for by_exit in per_model.values() for e in by_exit.values()]
+        ns = [e["n"] for e in entries if isinstance(e.get("n"), int)]  # n is per exit, inside each exit's entry
+        tokens = [e["tokens"] for e in entries if isinstance(e.get("tokens"), int)]
         if task == "loss" and detail.get("data"):
-            out += [f"Held-out data: `{detail['data']}`.", ""]
-        elif n:
-            out += [f"{n} questions per exit.", ""]
+            size = f", {span(tokens)} tokens per exit" if tokens else ""
+            out += [f"Held-out data: `{detail['data']}`{size}.", ""]
+        elif ns:
+            out += [f"{span(ns)} questions per exit.", ""]
         out += per_exit_table(per_model, metric, higher, kind)
         png = plot_per_exit(per_model, task, metric, higher, figs / f"{b.key}_{task}.png")
         if png:
@@ -336,17 +467,18 @@ def quality_section(b: Budget, v: Verdicts, figs: Path, rel: str) -> list[str]:
         out += ["", b.source(exp)]
         paper = "SoFT's sub-models beat SFT's intermediate layers"
         what = {"loss": "held-out loss", "gsm8k": "GSM8K accuracy", "triviaqa": "TriviaQA exact match"}[task]
-        compare_claim(v, per_model, "soft", "sft", metric, higher, what, paper, kind)
+        sample = sample_of(task, metric, per_model, detail)
+        compare_claim(v, per_model, "soft", "sft", metric, higher, what, paper, sample, kind)
         compare_claim(v, per_model, "soft", "sft-ict", metric, higher, what,
-                      "SoFT beats SFT+ICT (early exit with a head per exit)", kind)
+                      "SoFT beats SFT+ICT (early exit with a head per exit)", sample, kind)
         if task == "loss":
-            last_claim(v, per_model)
-            compare_claim(v, per_model, "soft-lora", "sft", metric, higher, what, None)
-            compare_claim(v, per_model, "soft-ict", "soft", metric, higher, what, None)
+            last_claim(v, per_model, sample)
+            compare_claim(v, per_model, "soft-lora", "sft", metric, higher, what, None, sample)
+            compare_claim(v, per_model, "soft-ict", "soft", metric, higher, what, None, sample)
     return out
 
 
-def last_claim(v: Verdicts, per_model: dict):
+def last_claim(v: Verdicts, per_model: dict, sample: Sample):
     """Rule: SoFT's last exit keeps the full model's quality if its loss is within 2% of SFT's last exit."""
     if "soft" not in per_model or "sft" not in per_model:
         return
@@ -356,7 +488,8 @@ def last_claim(v: Verdicts, per_model: dict):
         return
     rel = a / b - 1
     v.add(f"SoFT's last exit ({last}) is within 2% of SFT's last-exit loss", "yes" if rel <= 0.02 else "no",
-          f"{fmt(a)} vs {fmt(b)} ({100 * rel:+.1f}%)", "SoFT's last layer roughly ties SFT's (52.5/62.5/55)",
+          f"{fmt(a)} vs {fmt(b)} ({100 * rel:+.1f}%)", sample.text,
+          "SoFT's last layer roughly ties SFT's (52.5/62.5/55)",
           "reproduces" if abs(rel) <= 0.02 else ("better than the paper" if rel < 0 else "does not reproduce"))
 
 
@@ -405,7 +538,7 @@ def tournament_section(b: Budget, v: Verdicts, figs: Path, rel: str) -> list[str
         out += ["", b.source("tournament")]
         if n_int:
             v.add("SoFT beats SFT at equal depth at every intermediate exit from 40% depth up (tournament)",
-                  "yes" if wins == n_int else "no", f"{wins} of {n_int} exits with W > L",
+                  "yes" if wins == n_int else "no", f"{wins} of {n_int} exits with W > L", tournament_sample(detail),
                   "SoFT wins at equal depth from layer 16 of 40 up",
                   judge_standing(detail, standing_from_count(wins, n_int)))
     out += ["", "**Every SoFT exit against SoFT's own last layer**", ""]
@@ -433,8 +566,15 @@ def tournament_section(b: Budget, v: Verdicts, figs: Path, rel: str) -> list[str
                     f"judge (`--judge hf:<PandaLM-7B folder>` or `--judge openai:<model>`) for evidence.*"]
     v.add("SoFT's intermediate exits at least tie SoFT's last layer ((W-L)/n >= 0)",
           "yes" if ties == len(rows) and rows else "no", f"{ties} of {len(rows)} exits; " + ", ".join(
-              f"{r[0]}: {r[3]}" for r in rows), "-", judge_standing(detail, "beyond the paper"))
+              f"{r[0]}: {r[3]}" for r in rows), tournament_sample(detail), "-",
+          judge_standing(detail, "beyond the paper"))
     return out
+
+
+def tournament_sample(detail: dict) -> str:
+    """A match's points are totals over prompts (half a point per answer order), so per-prompt outcomes are lost."""
+    return (f"{detail['n_prompts']} prompts per match, both answer orders; " +
+            NO_ROWS.format(file="results.json", what="each match's W/L/T totals", row="prompt"))
 
 
 def judge_standing(detail: dict, standing: str) -> str:
@@ -478,9 +618,10 @@ def similarity_section(b: Budget, v: Verdicts, figs: Path, rel: str) -> list[str
             out += ["", f"![{which} by position]({rel}/{png.name})"]
     out += ["", b.source("similarity")]
     paper = "SoFT's sub-models are much closer to the last layer than SFT's intermediate layers"
-    compare_claim(v, per_model, "soft", "sft", "kl", False, "KL to the last layer (lower)", paper)
-    compare_claim(v, per_model, "soft", "sft", "cosine", True, "cosine to the last layer (higher)", paper)
-    compare_claim(v, per_model, "soft", "untuned", "kl", False, "KL to the last layer (lower)", None)
+    sample = sample_of("similarity", "kl", per_model, d)
+    compare_claim(v, per_model, "soft", "sft", "kl", False, "KL to the last layer (lower)", paper, sample)
+    compare_claim(v, per_model, "soft", "sft", "cosine", True, "cosine to the last layer (higher)", paper, sample)
+    compare_claim(v, per_model, "soft", "untuned", "kl", False, "KL to the last layer (lower)", None, sample)
     return out
 
 
@@ -541,11 +682,20 @@ def decode_section(dec: dict | None, v: Verdicts) -> list[str]:
     # Verdicts.
     spec = [m for m in methods if m.startswith("self-speculative ")]
     if spec:
-        same = [rows_by[(m, t)]["identical_rate"] for m in spec for t, _ in DECODE_TASKS if (m, t) in rows_by]
+        runs = [rows_by[(m, t)] for m in spec for t, _ in DECODE_TASKS if (m, t) in rows_by]
+        same = [r["identical_rate"] for r in runs]
+        counts = [count_of({"rate": r["identical_rate"], "n": r.get("prompts")}, "rate") for r in runs]
+        if all(k is not None for k in counts):  # the identical prompts, pooled over runs: a proportion
+            k, n = sum(counts), sum(r["prompts"] for r in runs)
+            lo, hi = wilson(k, n)
+            sample = (f"{n} prompts ({len(runs)} runs x {span(r['prompts'] for r in runs)}); {k} of {n} identical, "
+                      f"Wilson 95% interval of that share {fmt(lo, 'pct')} to {fmt(hi, 'pct')}")
+        else:
+            sample = decode_sample(runs)
         v.add("Self-speculative decoding returns exactly greedy's text (every prompt, task and draft exit)",
               "yes" if all(x == 1.0 for x in same) else "no", f"identical on {sum(x == 1.0 for x in same)} of "
-              f"{len(same)} (exit, task) runs", "the paper's speculation changed accuracy (e.g. GSM8K 33.05 -> "
-              "32.22)", "better than the paper" if all(x == 1.0 for x in same) else "does not reproduce")
+              f"{len(same)} (exit, task) runs", sample, "the paper's speculation changed accuracy (e.g. GSM8K "
+              "33.05 -> 32.22)", "better than the paper" if all(x == 1.0 for x in same) else "does not reproduce")
     for task, name in DECODE_TASKS:
         # Best of our draft exits against the best of the paper's draft layers (each side at its own best setting).
         ours_best = max(((rows_by[(m, task)]["speedup"], m) for m in spec if (m, task) in rows_by), default=None)
@@ -554,23 +704,34 @@ def decode_section(dec: dict | None, v: Verdicts) -> list[str]:
             v.add(f"Self-speculative decoding on {name}: best draft exit's speedup at least the paper's best",
                   "yes" if ours_best[0] >= paper_best[0] else "no",
                   f"{fmt(ours_best[0], 'x')} ({ours_best[1]}) vs paper {fmt(paper_best[0], 'x')} ({paper_best[1]})",
-                  fmt(paper_best[0], "x"), standing_from_ratio(ours_best[0], paper_best[0], True))
+                  decode_sample([rows_by[(ours_best[1], task)]]), fmt(paper_best[0], "x"),
+                  standing_from_ratio(ours_best[0], paper_best[0], True))
         pairs = [(rows_by[(m, task)]["speedup"], rows_by[(f"HF assistant_early_exit {m.split()[-1]}", task)]["speedup"],
                   m.split()[-1]) for m in spec if (f"HF assistant_early_exit {m.split()[-1]}", task) in rows_by
                  and (m, task) in rows_by]
         if pairs:
             v.add(f"Self-speculative decoding is faster than HF assistant_early_exit at the same exit on {name}",
                   "yes" if all(a > h for a, h, _ in pairs) else "no",
-                  "; ".join(f"exit {k}: {fmt(a, 'x')} vs {fmt(h, 'x')} ({a / h:.2f}x)" for a, h, k in pairs), "-",
-                  "beyond the paper")
+                  "; ".join(f"exit {k}: {fmt(a, 'x')} vs {fmt(h, 'x')} ({a / h:.2f}x)" for a, h, k in pairs),
+                  decode_sample([r for (m, t), r in rows_by.items() if t == task and (
+                      m in spec or m.startswith("HF assistant_early_exit "))]), "-", "beyond the paper")
     for task, name in DECODE_TASKS:
         r = rows_by.get(("early exit (paper)", task))
         if r:
             px = PAPER_DECODE["early exit"][task][0]
             v.add(f"Early exit with the paper's thresholds: speedup on {name}", "yes" if r["speedup"] >= px else "no",
                   f"{fmt(r['speedup'], 'x')} (same text {fmt(r['identical_rate'], 'pct')}) vs paper {fmt(px, 'x')}",
-                  fmt(px, "x"), standing_from_ratio(r["speedup"], px, True))
+                  decode_sample([r]), fmt(px, "x"), standing_from_ratio(r["speedup"], px, True))
     return out
+
+
+def decode_sample(rows: list[dict]) -> str:
+    """decode.json keeps each (method, task) run's totals: a speedup is a ratio of summed times over its prompts."""
+    prompts = [r["prompts"] for r in rows if isinstance(r.get("prompts"), int)]
+    tokens = [r["tokens"] for r in rows if isinstance(r.get("tokens"), int)]
+    size = f"{span(prompts)} prompts per run" if prompts else "prompts not recorded"
+    return size + (f" ({span(tokens)} tokens)" if tokens else "") + "; " + NO_ROWS.format(
+        file="decode.json", what="each run's totals", row="prompt")
 
 
 def oracle_section(results_dir: Path, shown: str, v: Verdicts) -> list[str]:
@@ -587,13 +748,15 @@ def oracle_section(results_dir: Path, shown: str, v: Verdicts) -> list[str]:
            "a target here means no threshold, measure or KV policy can meet it with this checkpoint. The last column "
            "prices the same agreement runs as self-speculative rounds at the measured draft and verify costs (the "
            "best exit and draft length; `best_speedup`, docs/draft-quality.md).", ""]
-    rows, at95 = [], {}
+    rows, at95, sizes = [], {}, []
     for task, name in DECODE_TASKS:
         res = found.get(task)
         if not res:
             continue
         model = next(iter(res["models"]))
         detail = res["details"]["agreement"]
+        positions = {e.get("positions") for e in res["tasks"]["agreement"][model].values()} - {None}
+        sizes.append(f"{name} {detail['n_prompts']} prompts" + (f" ({span(positions)} positions)" if positions else ""))
         cells = [name, f"{detail['n_prompts']} x <= {detail['max_new_tokens']}"]
         for r in detail["oracle_early_exit"][model]:
             cells.append(f"exit {r['mean_exit']:.1f}, {fmt(r['speedup'], 'x')}")
@@ -613,9 +776,11 @@ def oracle_section(results_dir: Path, shown: str, v: Verdicts) -> list[str]:
     out += ["", "Command: `bash experiments/draft_quality.sh oracle`, which runs " + "; ".join(
         f"`{evaluate_command(res, f'{shown}/{ORACLE}-{task}')}`" for task, res in found.items()) + "."]
     if at95:
-        v.add("Early-exit ceiling (oracle, 95% token agreement) reaches the issue's 1.5x on every task",
-              "yes" if all(x >= 1.5 for x in at95.values()) else "no",
-              "; ".join(f"{n}: {fmt(x, 'x')}" for n, x in at95.items()), "-", "beyond the paper")
+        v.add(f"Early-exit ceiling (oracle, 95% token agreement) reaches the {EARLY_EXIT_TARGET:g}x speed target on "
+              f"every task", "yes" if all(x >= EARLY_EXIT_TARGET for x in at95.values()) else "no",
+              "; ".join(f"{n}: {fmt(x, 'x')}" for n, x in at95.items()),
+              "; ".join(sizes) + "; " + NO_ROWS.format(file="results.json", what="means over positions",
+                                                       row="prompt"), "-", "beyond the paper")
     return out
 
 
@@ -632,7 +797,10 @@ def draft_layer_section(results_dir: Path, shown: str, v: Verdicts) -> list[str]
                          f"{fmt(d['best_speedup'], 'x')} (g = {d['best_draft_length']})"])
             cmds.append(f"`{evaluate_command(res, f'{shown}/{path.parent.name}')}`")
             if best is None or d["top1_agreement"] > best[0]:
-                best = (d["top1_agreement"], d["exit"], own, path.parent.name)
+                prompts = res["details"]["agreement"].get("n_prompts")
+                size = (f"{prompts} prompts" if prompts else "prompts not recorded") + (
+                    f" ({d['positions']:,} positions)" if isinstance(d.get("positions"), int) else "")
+                best = (d["top1_agreement"], d["exit"], own, path.parent.name, size)
     if not rows:
         return []
     out = ["", "### A trained draft layer on the frozen recipe", "",
@@ -645,6 +813,7 @@ def draft_layer_section(results_dir: Path, shown: str, v: Verdicts) -> list[str]
     out += ["", "Commands: " + "; ".join(cmds) + "."]
     v.add(f"A draft branch at exit {best[1]}'s cost agrees with the last layer on >= 65% of tokens",
           "yes" if best[0] >= 0.65 else "no", f"{best[0]:.3f} ({best[3]}); exit {best[1]} itself {fmt(best[2])}",
+          f"{best[4]}; " + NO_ROWS.format(file="results.json", what="agreement over all positions", row="prompt"),
           "-", "beyond the paper")
     return out
 
@@ -671,25 +840,46 @@ def cost_section(rows: list | None, v: Verdicts) -> list[str]:
     out += ["", "`soft_uniform` is the paper's loss (every exit every step, plain mean); `soft_sample1` and "
                 "`soft_rotate` train one intermediate exit per step beside the last.", "",
             "Command: `python benchmarks/bench_train.py` (writes `benchmarks/results/train.json`)."]
+    base = by.get("hf_sft", {})
     soft = by.get("soft_uniform")
     if soft:
-        t = soft["cpu_time_ratio"]
-        v.add("SoFT (paper's loss) step time vs SFT, CPU time (the less noisy measure on this shared machine)",
-              "yes" if t <= PAPER_COST["time"] * (1 + TOLERANCE) else "no",
-              f"{fmt(t, 'x')} CPU, {fmt(soft['time_ratio'], 'x')} wall; FLOP model {fmt(soft.get('ideal_ratio'), 'x')}"
-              f" here (head ~21% of the parameters), {fmt(soft.get('ideal_ratio_llama2_13b'), 'x')} for LLaMA-2 13B",
+        t, limit = soft["cpu_time_ratio"], PAPER_COST["time"] * (1 + TOLERANCE)
+        answer, ci, sample = time_verdict(soft, base, limit)
+        v.add(f"SoFT (paper's loss) step time is at most the paper's {PAPER_COST['time']:.2f}x SFT's "
+              f"(+{TOLERANCE:.0%}), CPU time (the less noisy measure on this shared machine)", answer,
+              f"{fmt(t, 'x')} CPU{ci}, {fmt(soft['time_ratio'], 'x')} wall; FLOP model "
+              f"{fmt(soft.get('ideal_ratio'), 'x')} here (head ~21% of the parameters), "
+              f"{fmt(soft.get('ideal_ratio_llama2_13b'), 'x')} for LLaMA-2 13B", sample,
               f"{PAPER_COST['time']:.2f}x", standing_from_ratio(t, PAPER_COST["time"], False))
         m = soft["peak_mem_ratio"]
         v.add("SoFT (paper's loss) peak memory vs SFT", "yes" if m <= PAPER_COST["memory"] else "no",
-              fmt(m, "x"), f"~{PAPER_COST['memory']:.2f}x", standing_from_ratio(m, PAPER_COST["memory"], False))
+              fmt(m, "x"), "one peak-RSS measurement per method; no 95% interval: train.json holds one value per "
+              "method", f"~{PAPER_COST['memory']:.2f}x", standing_from_ratio(m, PAPER_COST["memory"], False))
     for name in ("soft_rotate", "soft_sample1"):
         r = by.get(name)
         if r:
-            t = r["cpu_time_ratio"]
-            v.add(f"SoFT with one intermediate exit per step (`{name}`) at SFT's step time or less (CPU)",
-                  "yes" if t <= 1.0 else "no", f"{fmt(t, 'x')} CPU, {fmt(r['time_ratio'], 'x')} wall", "-",
+            answer, ci, sample = time_verdict(r, base, 1.0)
+            v.add(f"SoFT with one intermediate exit per step (`{name}`) is faster per step than SFT (CPU)", answer,
+                  f"{fmt(r['cpu_time_ratio'], 'x')} CPU{ci}, {fmt(r['time_ratio'], 'x')} wall", sample, "-",
                   "beyond the paper")
     return out
+
+
+def time_verdict(r: dict, base: dict, limit: float) -> tuple[str, str, str]:
+    """Is the method's CPU step time ratio to SFT below `limit`? bench_train.py alternates the methods within each
+    round, so a round's ratio to hf_sft is one row; the verdict uses the bootstrap interval of their median (what
+    `cpu_time_ratio` reports): "yes" below the limit, "no" above it, "no difference" when it contains the limit.
+    Returns (answer, interval for the numbers column, sample column)."""
+    a, b = r.get("cpu_s"), base.get("cpu_s")
+    if isinstance(a, list) and isinstance(b, list) and len(a) == len(b) >= 2:
+        ratios = [x / y for x, y in zip(a, b)]
+        lo, hi = bootstrap(ratios, median)
+        answer = "yes" if hi < limit else "no" if lo > limit else "no difference"
+        return (answer, f" ({lo:.3f}x to {hi:.3f}x)",
+                f"{len(ratios)} rounds; bootstrap 95% interval of the median per-round CPU ratio")
+    t = r["cpu_time_ratio"]
+    return ("yes" if t < limit else "no", "",
+            f"{r.get('rounds', '?')} rounds; no 95% interval: train.json holds no per-round CPU times")
 
 
 def draft_runs(results_dir: Path) -> list[tuple[int, str]]:
@@ -731,7 +921,8 @@ def draft_section(res: dict | None, shown: str, v: Verdicts | None, figs: Path, 
                 out += ["", f"![predicted speedup by draft length]({rel}/{png.name})"]
         what = metric if metric.startswith(task) or task == "loss" else f"{task} {metric}"  # not "loss loss"
         if v is not None:
-            compare_claim(v, per_model, "soft-distill", "soft", metric, higher, what.replace("_", " "), None)
+            compare_claim(v, per_model, "soft-distill", "soft", metric, higher, what.replace("_", " "), None,
+                          sample_of(task, metric, per_model, res["details"].get(task, {})))
     return out + ["", f"Command: `{evaluate_command(res, shown)}`"]
 
 
@@ -774,15 +965,21 @@ def build(results_dir: Path, bench_dir: Path, root: Path, figs: Path, rel: str, 
                              v if last else None, figs, rel, "" if name == DRAFT_QUALITY else f"_{steps}")
     out += draft_layer_section(results_dir, shown_results, v)
     out += ["", "## Verdict", "",
-            "Computed from the numbers above. Rules: a claim \"A beats B at every intermediate exit\" compares the "
-            "exits before the last; *reproduces* when it holds at all of them, *partly reproduces* at more than half, "
-            "*does not reproduce* otherwise (all-zero values: *undecided*). A ratio beside a paper ratio *reproduces* "
-            f"within ±{100 * TOLERANCE:.0f}%, is *better than the paper* beyond that in our favour, and *does not "
-            "reproduce* beyond it against us. *Beyond the paper*: no published number to compare with.", ""]
-    out += table(["claim", "answer", "numbers", "paper", "vs paper"], v.rows)
+            "Computed from the numbers above. Every verdict states its sample. Where the JSON holds what an interval "
+            "needs (a proportion's count and n, or per-round rows), a difference comes with its 95% interval: a Wilson "
+            "/ Newcombe score interval for proportions, a seeded bootstrap over rows otherwise; a difference whose "
+            "interval crosses zero (or a ratio whose interval contains its target) is *no difference*, neither a win "
+            "nor a loss. Where the JSON holds only means, the sample column says so and the point values decide. "
+            "Rules: a claim \"A beats B at every intermediate exit\" compares the exits before the last; *reproduces* "
+            "when it holds at all of them, *partly reproduces* at more than half, *does not reproduce* otherwise "
+            "(*undecided* when every value is 0 or no exit differs beyond its interval). A ratio beside a paper ratio "
+            f"*reproduces* within ±{100 * TOLERANCE:.0f}%, is *better than the paper* beyond that in our favour, and "
+            "*does not reproduce* beyond it against us (the paper gives no interval, so this compares point values). "
+            "*Beyond the paper*: no published number to compare with.", ""]
+    out += table(["claim", "answer", "numbers", "sample, 95% interval", "paper", "vs paper"], v.rows)
     counts = {}
     for row in v.rows:
-        counts[row[4]] = counts.get(row[4], 0) + 1
+        counts[row[5]] = counts.get(row[5], 0) + 1
     out += ["", "Summary: " + ", ".join(f"{n} {k}" for k, n in sorted(counts.items())) + "."]
     return "\n".join(out) + "\n"
 

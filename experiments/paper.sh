@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Reproduce the Sorted LLaMA paper's findings in miniature on the default model (issue 9).
+# Reproduce the Sorted LLaMA paper's findings in miniature on the default model.
 #
 #   bash experiments/paper.sh train quick      # the quickstart budget: SoFT, SFT, SFT+ICT, SoFT+ICT, SoFT+LoRA,
 #                                              # SoFT+distill, 40 steps each on the same 160 GSM8K rows
@@ -10,9 +10,25 @@
 #   bash experiments/paper.sh report           # docs/results.md + docs/results/*.png from the JSON files
 # Stages: quick, gsm8k, alpaca, triviaqa. Every step is skipped when its output exists. Checkpoints go to runs/
 # (quick) and runs/paper/ (longer budgets), not committed; every number in docs/results.md comes from a
-# results.json written by this script (or by benchmarks/, see the report).
+# results.json written by this script (or by benchmarks/, see the report). The folders it writes are listed in
+# experiments/README.md.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+
+USAGE="usage: $0 train|eval|all <quick|gsm8k|alpaca|triviaqa> | report"
+fail() { echo "error: $1" >&2; exit 2; }
+case ${1:-} in
+train | eval | all)
+    case ${2:-} in
+    quick | gsm8k | alpaca | triviaqa) ;;
+    "") fail "'$1' needs a stage; $USAGE" ;;
+    *) fail "unknown stage '$2'; $USAGE" ;;
+    esac ;;
+report) ;;
+"") fail "no command given; $USAGE" ;;
+*) fail "unknown command '$1'; $USAGE" ;;
+esac
+[ -f .venv/bin/activate ] || fail "no .venv here: run 'bash scripts/setup.sh' first"
 . .venv/bin/activate
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}   # one thread per job: two jobs share the 2 cores without thrashing
 RUNS=${RUNS:-runs/paper}
@@ -110,15 +126,14 @@ eval_quick() {
     evaluate quick-vs-last --model "$soft" --names soft --tasks tournament --pairs last --limit 30
     evaluate quick-similarity --model "$soft" --compare "$sft,smollm2-135m" --names soft,sft,untuned \
         --tasks similarity
-    # Draft quality at equal steps (issue 10): SoFT + self-distillation vs SoFT.
+    # Draft quality at equal steps: SoFT + self-distillation vs SoFT (also draft_quality.sh equal40).
     evaluate draft-quality-40 --model runs/distill40/final --compare "$soft" --names soft-distill,soft \
         --tasks loss,agreement --limit 30
 }
 
-case ${1:-} in
-train) if [ "${2:?stage}" = quick ]; then train_quick; else train_task "$2"; fi ;;
-eval) if [ "${2:?stage}" = quick ]; then eval_quick; else eval_task "$2"; fi ;;
-all) if [ "${2:?stage}" = quick ]; then train_quick; eval_quick; else train_task "$2"; eval_task "$2"; fi ;;
+case $1 in  # checked at the top
+train) if [ "$2" = quick ]; then train_quick; else train_task "$2"; fi ;;
+eval) if [ "$2" = quick ]; then eval_quick; else eval_task "$2"; fi ;;
+all) if [ "$2" = quick ]; then train_quick; eval_quick; else train_task "$2"; eval_task "$2"; fi ;;
 report) python experiments/make_results.py ;;
-*) echo "usage: $0 train|eval|all <quick|gsm8k|alpaca|triviaqa> | report" >&2; exit 2 ;;
 esac

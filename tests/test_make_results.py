@@ -1,5 +1,6 @@
 """experiments/make_results.py on results.json files written by real `sortedllm evaluate` runs of tiny checkpoints:
-tables and verdicts come from the numbers (change one, the report changes), missing files name their command,
+tables and verdicts come from the numbers (change one, the report changes), every verdict states its sample and,
+where the JSON allows, a 95% interval that can turn a win into "no difference", missing files name their command,
 the output is deterministic, and the commands it cites are the ones that ran."""
 
 from __future__ import annotations
@@ -7,6 +8,7 @@ from __future__ import annotations
 import json
 import shutil
 from pathlib import Path
+from statistics import median
 
 import pytest
 
@@ -41,6 +43,8 @@ def evaluated(tmp_path_factory, tiny_checkpoint, tokenizer):
     runs = {
         "quick-loss": ["--model", ck["soft"], "--compare", f"{ck['sft']},{tiny_checkpoint}", "--names",
                        "soft,sft,sft-ict", "--tasks", "loss", "--limit", "3"],
+        "quick-gsm8k": ["--model", ck["soft"], "--compare", ck["sft"], "--names", "soft,sft", "--tasks", "gsm8k",
+                        "--limit", "2", "--max_new_tokens", "4"],
         "quick-tournament": ["--model", ck["soft"], "--compare", ck["sft"], "--names", "soft,sft", "--tasks",
                              "tournament", "--limit", "2", "--max_new_tokens", "4", "--pairs", "cross"],
         "quick-vs-last": ["--model", ck["soft"], "--names", "soft", "--tasks", "tournament", "--limit", "2",
@@ -66,8 +70,24 @@ def render(results: Path, bench: Path, out: Path) -> str:
 
 
 def verdict(md: str, claim: str) -> list[str]:
+    """The verdict row of `claim`: [claim, answer, numbers, sample and interval, paper, vs paper]."""
     row = next(line for line in md.splitlines() if line.startswith(f"| {claim} |"))
     return [c.strip() for c in row.strip("|").split("|")]
+
+
+def verdict_rows(md: str) -> list[list[str]]:
+    table = md.split("## Verdict")[1].split("\n\nSummary:")[0]
+    rows = [line for line in table.splitlines() if line.startswith("| ")][1:]  # after the header
+    return [[c.strip() for c in row.strip("|").split("|")] for row in rows]
+
+
+def set_accuracy(path: Path, counts: dict, n: int = 60):
+    """Rewrite a gsm8k results.json: counts = {model: {exit: correct answers out of n}}."""
+    res = json.loads(path.read_text())
+    for model, by_exit in res["tasks"]["gsm8k"].items():
+        for k, entry in by_exit.items():
+            entry["n"], entry["accuracy"] = n, counts[model].get(k, 0) / n
+    path.write_text(json.dumps(res))
 
 
 def test_report_from_real_evaluations(evaluated, tmp_path):
@@ -91,7 +111,22 @@ def test_report_from_real_evaluations(evaluated, tmp_path):
     better = sum(loss["soft"][k]["loss"] < loss["sft"][k]["loss"] for k in ("2", "4"))
     row = verdict(md, "SoFT beats SFT at every intermediate exit on held-out loss")
     assert row[1] == ("yes" if better == 2 else "no") and row[2].startswith(f"{better} of 2 exits")
-    assert row[4] == {2: "reproduces", 1: "does not reproduce", 0: "does not reproduce"}[better]
+    assert row[5] == {2: "reproduces", 1: "does not reproduce", 0: "does not reproduce"}[better]
+    tokens = loss["soft"]["2"]["tokens"]  # held-out loss keeps only means: its size, and no interval
+    assert row[3] == f"{tokens:,} held-out tokens per exit; no 95% interval: results.json holds each exit's mean " \
+                     f"loss, not per-row values"
+    data = json.loads((results / "quick-loss" / "results.json").read_text())["details"]["loss"]["data"]
+    assert f"Held-out data: `{data}`, {tokens:,} tokens per exit." in md
+
+    # Every verdict states its sample size.
+    rows = verdict_rows(md)
+    assert len(rows) >= 10 and all(len(r) == 6 and any(ch.isdigit() for ch in r[3]) for r in rows), rows
+
+    # GSM8K accuracy: questions per exit (read from each exit's entry), and the verdict's Newcombe intervals.
+    acc = json.loads((results / "quick-gsm8k" / "results.json").read_text())["tasks"]["gsm8k"]
+    assert f"\n{acc['soft']['2']['n']} questions per exit.\n" in md
+    row = verdict(md, "SoFT beats SFT at every intermediate exit on GSM8K accuracy")
+    assert row[3].startswith(f"{acc['soft']['2']['n']} questions per exit and model; Newcombe 95% interval")
 
     # Each table cites the command that made it, rebuilt from results.json: it is the command that ran.
     for name, argv in runs.items():  # (the oracle's is cited after the script that runs it, once per task)
@@ -123,14 +158,16 @@ def test_report_from_real_evaluations(evaluated, tmp_path):
     cells += f" | {exits['2']['top1_agreement']:.3f} | {best[0]:.2f}x (exit {best[1]}, g = {best[2]}) |"
     section = md.split("### Early-exit ceiling")[1].split("## 5.")[0]
     assert f"| GSM8K | 2 x <= 4 | {cells}" in section and "| TriviaQA |" not in section
-    row = verdict(md, "Early-exit ceiling (oracle, 95% token agreement) reaches the issue's 1.5x on every task")
+    row = verdict(md, "Early-exit ceiling (oracle, 95% token agreement) reaches the 1.5x speed target on every task")
     assert row[1] == ("yes" if rows[1]["speedup"] >= 1.5 else "no") and row[2] == f"GSM8K: {rows[1]['speedup']:.2f}x"
+    positions = exits["2"]["positions"]
+    assert row[3].startswith(f"GSM8K 2 prompts ({positions:,} positions); no 95% interval")
 
     # Benchmarks beside the paper, when their JSON exists.
     if (bench / "decode.json").exists():
         assert "| method (ours) | paper row | PandaLM ours | PandaLM paper |" in md and "1.41x, reject 0.43" in md
     if (bench / "train.json").exists():
-        assert verdict(md, "SoFT (paper's loss) peak memory vs SFT")[3] == "~1.25x"
+        assert verdict(md, "SoFT (paper's loss) peak memory vs SFT")[4] == "~1.25x"
 
     # Every plot the report shows exists and is a PNG.
     images = [line[line.index("(") + 1:-1] for line in md.splitlines() if line.startswith("![")]
@@ -160,7 +197,7 @@ def test_changing_a_number_changes_table_and_verdict(evaluated, tmp_path):
     path.write_text(json.dumps(res))
     md2 = render(results, bench, tmp_path / "b")
     row = verdict(md2, "SoFT beats SFT at every intermediate exit on held-out loss")
-    assert row[1] == "no" and row[2].startswith("0 of 2 exits") and row[4] == "does not reproduce"
+    assert row[1] == "no" and row[2].startswith("0 of 2 exits") and row[5] == "does not reproduce"
     assert f"{loss['soft']['4']['loss']:.3f}" in md2 and md2 != md
 
     assert "Run `python benchmarks/bench_decode.py --threads 1`" in md2
@@ -210,12 +247,17 @@ def test_a_budget_shows_only_the_experiments_it_runs(evaluated, tmp_path):
     assert "### 1. SoFT vs SFT vs SFT+ICT at every exit" in alpaca
     res = json.loads((results / "alpaca-loss" / "results.json").read_text())  # SFT+ICT not evaluated (yet)
     del res["models"]["sft-ict"], res["tasks"]["loss"]["sft-ict"]
+    loss = res["tasks"]["loss"]
+    for k in ("2", "4"):  # SoFT worse than SFT at both intermediate exits: the Alpaca verdict must say no
+        loss["soft"][k]["loss"] = loss["sft"][k]["loss"] + 0.5
     (results / "alpaca-loss" / "results.json").write_text(json.dumps(res))
     md = render(results, tmp_path / "no-bench", tmp_path / "c")
     alpaca = md[md.index("## Longer budget (Alpaca, 250 steps)"):md.index("## Quickstart budget")]
     assert "### 1. SoFT vs SFT at every exit" in alpaca and "| exit | SoFT | SFT |\n" in alpaca
     assert "experiments/configs/paper-alpaca.yaml --mode soft --output_dir runs/paper/alpaca-soft" in alpaca
-    assert verdict(md, "(alpaca) SoFT beats SFT at every intermediate exit on held-out loss")[1] in ("yes", "no")
+    row = verdict(md, "(alpaca) SoFT beats SFT at every intermediate exit on held-out loss")
+    assert row[1] == "no" and row[2].startswith("0 of 2 exits") and row[5] == "does not reproduce"
+    assert verdict(md, "(quick) SoFT beats SFT at every intermediate exit on held-out loss")  # both budgets, apart
 
 
 def test_oracle_section_without_a_draft_exit(evaluated, tmp_path):
@@ -247,3 +289,127 @@ def test_draft_layer_section(evaluated, tmp_path):
     assert f"| draft-layer-tiny | 1 shared + 1 own | 2 | {own:.3f} | {own:.3f} |" in section
     row = verdict(md, "A draft branch at exit 2's cost agrees with the last layer on >= 65% of tokens")
     assert row[1] == ("yes" if own >= 0.65 else "no") and row[2].startswith(f"{own:.3f} (draft-layer-tiny)")
+
+
+def test_accuracy_verdicts_count_only_differences_beyond_their_interval(evaluated, tmp_path):
+    """A GSM8K difference counts as a win or a loss only when its Newcombe 95% interval excludes zero."""
+    src, _ = evaluated
+    results = tmp_path / "results"
+    shutil.copytree(src, results)
+    path = results / "quick-gsm8k" / "results.json"
+    claim = "SoFT beats SFT at every intermediate exit on GSM8K accuracy"
+
+    set_accuracy(path, {"soft": {"2": 30, "4": 30, "6": 30}, "sft": {"2": 3, "4": 3, "6": 30}})
+    md = render(results, tmp_path / "no-bench", tmp_path / "a")
+    assert "\n60 questions per exit.\n" in md
+    lo, hi = mr.newcombe(30, 60, 3, 60)
+    row = verdict(md, claim)
+    assert row[1] == "yes" and row[5] == "reproduces"
+    assert row[2] == (f"better at 2 of 2 exits, worse at 0, no difference at 0; 2: 50.0% vs 5.0% ({100 * lo:+.1f} to "
+                      f"{100 * hi:+.1f}), 4: 50.0% vs 5.0% ({100 * lo:+.1f} to {100 * hi:+.1f})")
+    assert row[3].startswith("60 questions per exit and model; Newcombe 95% interval of each difference")
+
+    # 5% vs 3.3%: SoFT ahead on the point values, but the interval crosses zero: no difference, not a win.
+    set_accuracy(path, {"soft": {"2": 3, "4": 3, "6": 30}, "sft": {"2": 2, "4": 2, "6": 30}})
+    row = verdict(render(results, tmp_path / "no-bench", tmp_path / "b"), claim)
+    assert row[1] == "no difference" and row[5] == "undecided (no difference at any exit)"
+    assert row[2].startswith("better at 0 of 2 exits, worse at 0, no difference at 2")
+
+    # A win at one exit and a loss at the other.
+    set_accuracy(path, {"soft": {"2": 30, "4": 3, "6": 30}, "sft": {"2": 3, "4": 30, "6": 30}})
+    row = verdict(render(results, tmp_path / "no-bench", tmp_path / "c"), claim)
+    assert row[1] == "no" and row[2].startswith("better at 1 of 2 exits, worse at 1, no difference at 0")
+    assert row[5] == "does not reproduce"
+
+
+def test_intervals_match_published_values():
+    """Wilson and Newcombe (method 10) against the worked examples of Newcombe, Stat. Med. 1998."""
+    for (k, n), want in {(81, 263): (0.2553, 0.3662), (15, 148): (0.0624, 0.1605), (0, 20): (0.0, 0.1611),
+                         (1, 29): (0.0061, 0.1718)}.items():
+        assert [round(x, 4) for x in mr.wilson(k, n)] == list(want), (k, n)
+    for args, want in {(56, 70, 48, 80): (0.0524, 0.3339), (9, 10, 3, 10): (0.1705, 0.8090),
+                       (5, 56, 0, 29): (-0.0381, 0.1926), (0, 10, 0, 20): (-0.1611, 0.2775),
+                       (10, 10, 0, 20): (0.6791, 1.0)}.items():
+        assert [round(x, 4) for x in mr.newcombe(*args)] == list(want), args
+    assert mr.side(0.01, 0.2, True) == "better" and mr.side(0.01, 0.2, False) == "worse"
+    assert mr.side(-0.2, -0.01, True) == "worse" and mr.side(-0.2, 0.01, True) == "no difference"
+
+
+def test_bootstrap_is_seeded_and_brackets_the_statistic():
+    rows = [1.02, 0.97, 1.05, 0.99, 1.01, 0.96, 1.04, 1.00, 0.98, 1.03]
+    lo, hi = mr.bootstrap(rows, median)
+    assert (lo, hi) == mr.bootstrap(rows, median)  # the same rows give the same interval, run after run
+    assert min(rows) <= lo < median(rows) < hi <= max(rows)
+    def mean(xs):
+        return sum(xs) / len(xs)
+
+    few = dict(resamples=200)
+    assert mr.bootstrap(rows, mean, seed=1, **few) != mr.bootstrap(rows, mean, seed=2, **few)  # the seed is used
+    # Over 40 rows the percentile interval of a mean is close to the normal one, mean +- 1.96 standard errors.
+    wide = [(i * 37) % 41 / 10 for i in range(40)]
+    m, sd = mean(wide), (sum((x - mean(wide)) ** 2 for x in wide) / (len(wide) - 1)) ** 0.5
+    lo_m, hi_m = mr.bootstrap(wide, mean)
+    half = 1.96 * sd / len(wide) ** 0.5
+    assert abs(lo_m - (m - half)) < 0.15 * half and abs(hi_m - (m + half)) < 0.15 * half
+    assert mr.bootstrap([1.5] * 10, median) == (1.5, 1.5)
+
+
+def train_rows(ratios: dict[str, list[float]]) -> list[dict]:
+    """benchmarks/results/train.json rows: hf_sft's per-round CPU seconds and each method's ratio to it."""
+    base = [2.0 + 0.1 * i for i in range(len(next(iter(ratios.values()))))]
+    rows = []
+    for method, rs in {"hf_sft": [1.0] * len(base), **ratios}.items():
+        cpu = [b * r for b, r in zip(base, rs)]
+        rows.append({"method": method, "model": "tiny", "batch_size": 2, "mean_seq_len": 100, "rounds": len(base),
+                     "exits": [2, 4, 6], "cpu_s": cpu, "cpu_time_ratio": round(median(rs), 3),
+                     "time_ratio": round(median(rs), 3), "peak_mem_ratio": 1.0, "ideal_ratio": 1.0,
+                     "ideal_ratio_llama2_13b": 1.0})
+    return rows
+
+
+def test_training_cost_verdicts_use_the_per_round_interval(evaluated, tmp_path):
+    results, _ = evaluated
+    bench = tmp_path / "bench"
+    bench.mkdir()
+    wobble = [1.04, 0.97, 1.02, 0.96, 1.03, 0.98, 1.01, 0.99, 1.05, 0.95]  # around SFT's time
+    ratios = {"soft_uniform": [1.5 * w for w in wobble], "soft_rotate": wobble,
+              "soft_sample1": [0.8 * w for w in wobble]}
+    (bench / "train.json").write_text(json.dumps(train_rows(ratios)))
+    md = render(results, bench, tmp_path / "docs")
+    for name, answer in (("soft_rotate", "no difference"), ("soft_sample1", "yes")):
+        row = verdict(md, f"SoFT with one intermediate exit per step (`{name}`) is faster per step than SFT (CPU)")
+        lo, hi = mr.bootstrap(ratios[name], median)
+        assert row[1] == answer and f"({lo:.3f}x to {hi:.3f}x)" in row[2], row
+        assert row[3] == "10 rounds; bootstrap 95% interval of the median per-round CPU ratio"
+    row = verdict(md, "SoFT (paper's loss) step time is at most the paper's 0.98x SFT's (+5%), CPU time (the less "
+                      "noisy measure on this shared machine)")
+    assert row[1] == "no" and row[5] == "does not reproduce"
+
+    rows = train_rows(ratios)  # per-round times missing: the point value decides and the sample says why
+    for r in rows:
+        del r["cpu_s"]
+    (bench / "train.json").write_text(json.dumps(rows))
+    row = verdict(render(results, bench, tmp_path / "docs2"),
+                  "SoFT with one intermediate exit per step (`soft_rotate`) is faster per step than SFT (CPU)")
+    assert row[1] == "no" and row[3] == "10 rounds; no 95% interval: train.json holds no per-round CPU times"
+
+
+def test_committed_results_hold_no_machine_paths():
+    """The JSON make_results reads names checkpoints and files relative to the repository, never one machine's."""
+    files = sorted((ROOT / "experiments" / "results").glob("*/results.json"))
+    files += sorted((ROOT / "benchmarks" / "results").glob("*.json"))
+    assert files
+
+    def strings(o):
+        if isinstance(o, dict):
+            for v in o.values():
+                yield from strings(v)
+        elif isinstance(o, list):
+            for v in o:
+                yield from strings(v)
+        elif isinstance(o, str):
+            yield o
+
+    bad = [(f.relative_to(ROOT), s) for f in files for s in strings(json.loads(f.read_text()))
+           if s.startswith(("/", "~")) or str(ROOT) in s]
+    assert not bad, bad
