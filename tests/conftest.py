@@ -11,9 +11,10 @@ import torch
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-# The machine's full data sets (../shared/data beside the checkout); tests that need them skip elsewhere.
-SHARED_DATA = next((p for p in (Path(__file__).resolve().parents[2] / "shared" / "data", Path("/work/shared/data"))
-                    if p.is_dir()), Path(__file__).resolve().parents[2] / "shared" / "data")
+# The machine's full data sets: ../shared/data beside the checkout, or SORTEDLLM_SHARED_DATA; tests that need them
+# skip where the folder is missing.
+SHARED_DATA = Path(os.environ.get("SORTEDLLM_SHARED_DATA")
+                   or Path(__file__).resolve().parents[2] / "shared" / "data")
 ARCHS = ("llama", "qwen2", "gemma3_text")
 
 
