@@ -27,6 +27,21 @@ ARCHS = ("llama", "qwen2", "gemma3_text")
 THREADS = int(os.environ["OMP_NUM_THREADS"]) if os.environ["OMP_NUM_THREADS"].isdigit() else torch.get_num_threads()
 
 
+def run_slow() -> bool:
+    """RUN_SLOW=1 (or yes/true/on) runs the tests marked `slow`, as in transformers; scripts/test.sh sets it."""
+    return os.environ.get("RUN_SLOW", "").strip().lower() in ("1", "yes", "true", "on", "y")
+
+
+def pytest_collection_modifyitems(config, items):
+    """Skip the `slow` tests unless RUN_SLOW is set (`RUN_SLOW=1 pytest -m slow` runs them alone)."""
+    if run_slow():
+        return
+    skip = pytest.mark.skip(reason="slow: set RUN_SLOW=1 to run it (bash scripts/test.sh does)")
+    for item in items:
+        if item.get_closest_marker("slow"):
+            item.add_marker(skip)
+
+
 def load_experiment(name: str):
     """A script under experiments/ imported as a module (experiments/ is not a package)."""
     import importlib.util
