@@ -9,7 +9,9 @@ comparable: sft must equal hf_sft and soft_uniform naive_soft, which is checked)
   sft            our SFT path: the SoFT trainer's loss with the last exit only (head at labelled positions, tiled)
   naive_soft     full-vocabulary logits at every position of every exit, F.cross_entropy, mean over exits
   soft_<sched>   our SoFT loss (tiled head at labelled positions) with exit schedule uniform / weights /
-                 sample:1 / rotate
+                 sample:1 / rotate, one AdamW on the joint loss (exit_optimizer joint, the paper's)
+  split_<sched>  the same exits with exit_optimizer split (train/split.py): the intermediate exits' gradient by
+                 its own backward into a second AdamW stream, then the last exit's backward
 
 Time: methods alternate within each round in one process; a method's ratio is the median over rounds of its
 time / hf_sft's time in the same round (wall clock; the process CPU time ratio is reported too, as it is less
@@ -24,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import resource
 import statistics
@@ -44,9 +47,11 @@ from sortedllm.models import Architecture, load_model  # noqa: E402
 from sortedllm.train.loss import multi_exit_loss  # noqa: E402
 from sortedllm.train.dry_run import Counts, meta_model, model_config, step_flops  # noqa: E402
 from sortedllm.train.schedules import make_schedule  # noqa: E402
+from sortedllm.train.split import SplitAdamW  # noqa: E402
 
 SCHEDULES = {"uniform": "uniform", "weights": "weights", "sample1": "sample:1", "rotate": "rotate"}
-METHODS = ["hf_sft", "sft", "naive_soft"] + [f"soft_{s}" for s in SCHEDULES]
+SPLIT_SCHEDULES = {"uniform": "uniform", "sample2": "sample:2", "rotate": "rotate"}
+METHODS = ["hf_sft", "sft", "naive_soft"] + [f"soft_{s}" for s in SCHEDULES] + [f"split_{s}" for s in SPLIT_SCHEDULES]
 LLAMA2_13B = "meta-llama/Llama-2-13b-hf"  # the published config, built in (nothing downloaded)
 
 
@@ -73,15 +78,20 @@ class Step:
         self.model, self.arch, self.exits = model, Architecture(model), exits
         self.impl, self.chunk = loss_impl, chunk_size
         self.schedules = {name: make_schedule(spec, exits, exit_weights(exits)) for name, spec in SCHEDULES.items()}
+        self.schedules |= {f"split_{name}": make_schedule(spec, exits) for name, spec in SPLIT_SCHEDULES.items()}
         self.calls = {m: 0 for m in METHODS}
         self.opt = torch.optim.AdamW(model.parameters(), lr=0.0)
+        self.split_opt = SplitAdamW(model.parameters(), lr=0.0)
 
-    def init_optimizer_state(self):
-        """Allocate AdamW's moments now, so one measured step has the memory of any later training step."""
+    def init_optimizer_state(self, method: str = "hf_sft"):
+        """Allocate the optimizer's moments now, so one measured step has the memory of any later training step."""
+        opt = self.split_opt if method.startswith("split_") else self.opt
         for p in self.model.parameters():
             p.grad = torch.zeros_like(p)
-        self.opt.step()
-        self.opt.zero_grad(set_to_none=True)
+        if method.startswith("split_"):
+            opt.add_rest([torch.zeros_like(p) for p in opt.parameters()])
+        opt.step()
+        opt.zero_grad(set_to_none=True)
 
     def loss(self, method: str, batch: dict) -> torch.Tensor:
         ids, mask, labels = batch["input_ids"], batch["attention_mask"], batch["labels"]
@@ -101,6 +111,15 @@ class Step:
             return sum(losses) / len(losses)
         if method == "sft":
             weights = {L: 1.0}
+        elif method.startswith("split_"):
+            weights = self.schedules[method].weights(self.calls[method])
+            rest = {k: w for k, w in weights.items() if k != L}
+            total = sum(rest.values())
+            rest_loss = multi_exit_loss(out.hidden_states, labels, {k: w / total for k, w in rest.items()}, self.arch,
+                                        impl=self.impl, chunk_size=self.chunk).loss
+            params = self.split_opt.parameters()
+            self.split_opt.add_rest(torch.autograd.grad(rest_loss, params, retain_graph=True, allow_unused=True))
+            weights = {L: 1.0}
         else:
             weights = self.schedules[method.removeprefix("soft_")].weights(self.calls[method])
         return multi_exit_loss(out.hidden_states, labels, weights, self.arch, impl=self.impl,
@@ -112,8 +131,9 @@ class Step:
         t0, c0 = time.perf_counter(), time.process_time()
         loss = self.loss(method, batch)
         loss.backward()
-        self.opt.step()
-        self.opt.zero_grad(set_to_none=True)
+        opt = self.split_opt if method.startswith("split_") else self.opt
+        opt.step()
+        opt.zero_grad(set_to_none=True)
         sync()
         self.calls[method] += 1
         return time.perf_counter() - t0, time.process_time() - c0, loss.item()
@@ -138,7 +158,7 @@ def measure_memory(args, method: str) -> dict:
     batch = {k: v.to(args.device) for k, v in make_batches(tok, 1, args.batch_size, args.max_length)[0].items()}
     exits = resolve_exits(args.exits, Architecture(model).num_layers)
     step = Step(model, exits, args.loss_impl, args.chunk_size)
-    step.init_optimizer_state()
+    step.init_optimizer_state(method)
     if args.device.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats()
         base = torch.cuda.memory_allocated()
@@ -163,7 +183,8 @@ def measure_memory(args, method: str) -> dict:
 def exits_per_step(method: str, exits: list[int]) -> float:
     """Exits whose head runs per step (hf_sft and naive_soft run it at every position, the others at labels)."""
     return {"hf_sft": 1, "sft": 1, "naive_soft": len(exits), "soft_uniform": len(exits), "soft_weights": len(exits),
-            "soft_sample1": min(2, len(exits)), "soft_rotate": min(2, len(exits))}[method]
+            "soft_sample1": min(2, len(exits)), "soft_rotate": min(2, len(exits)), "split_uniform": len(exits),
+            "split_sample2": min(3, len(exits)), "split_rotate": min(2, len(exits))}[method]
 
 
 def ideal_ratios(config, exits: list[int], seqs: int, seq_len: float, labelled: float) -> dict[str, float]:
@@ -173,9 +194,21 @@ def ideal_ratios(config, exits: list[int], seqs: int, seq_len: float, labelled: 
 
     def flops(m):
         rows = tokens if m in ("hf_sft", "naive_soft") else labelled
-        return step_flops(counts, seq_len, tokens, rows, exits_per_step(m, exits))["total"]
+        f = step_flops(counts, seq_len, tokens, rows, exits_per_step(m, exits))
+        if m.startswith("split_") and len(exits) > 1:  # the second backward reaches the deepest intermediate exit
+            f["total"] += f["layers"] * 2 / 3 * expected_deepest(exits[:-1], exits_per_step(m, exits) - 1) / \
+                counts.num_layers
+        return f["total"]
 
     return {m: flops(m) / flops("hf_sft") for m in METHODS}
+
+
+def expected_deepest(layers: list[int], m: int) -> float:
+    """The expected deepest of m layers drawn without replacement from `layers`."""
+    v = sorted(layers)
+    if m >= len(v):
+        return v[-1]
+    return sum(x * math.comb(i, m - 1) for i, x in enumerate(v)) / math.comb(len(v), m)
 
 
 # ---------------------------------------------------------------------------------------------------------------
