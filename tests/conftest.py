@@ -7,14 +7,39 @@ import os
 from pathlib import Path
 
 import pytest
-import torch
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# One thread per process: tiny models gain nothing from a second one, and on a shared 2-core machine two threads per
+# process make the suite about three times slower (oversubscription). Set before torch is imported, so it reaches
+# torch here and every CLI subprocess; an OMP_NUM_THREADS of your own is kept.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+# The tests use local models only (CI has no network): offline, a hub id that is not cached fails at once instead of
+# after the hub client's connection retries (about 20 s).
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-# The machine's full data sets (../shared/data beside the checkout); tests that need them skip elsewhere.
-SHARED_DATA = next((p for p in (Path(__file__).resolve().parents[2] / "shared" / "data", Path("/work/shared/data"))
-                    if p.is_dir()), Path(__file__).resolve().parents[2] / "shared" / "data")
+import torch  # noqa: E402 (after OMP_NUM_THREADS)
+
+# The machine's full data sets: ../shared/data beside the checkout, or SORTEDLLM_SHARED_DATA; tests that need them
+# skip where the folder is missing.
+SHARED_DATA = Path(os.environ.get("SORTEDLLM_SHARED_DATA")
+                   or Path(__file__).resolve().parents[2] / "shared" / "data")
 ARCHS = ("llama", "qwen2", "gemma3_text")
+THREADS = int(os.environ["OMP_NUM_THREADS"]) if os.environ["OMP_NUM_THREADS"].isdigit() else torch.get_num_threads()
+
+
+def run_slow() -> bool:
+    """RUN_SLOW=1 (or yes/true/on) runs the tests marked `slow`, as in transformers; scripts/test.sh sets it."""
+    return os.environ.get("RUN_SLOW", "").strip().lower() in ("1", "yes", "true", "on", "y")
+
+
+def pytest_collection_modifyitems(config, items):
+    """Skip the `slow` tests unless RUN_SLOW is set (`RUN_SLOW=1 pytest -m slow` runs them alone)."""
+    if run_slow():
+        return
+    skip = pytest.mark.skip(reason="slow: set RUN_SLOW=1 to run it (bash scripts/test.sh does)")
+    for item in items:
+        if item.get_closest_marker("slow"):
+            item.add_marker(skip)
 
 
 def load_experiment(name: str):
@@ -55,6 +80,14 @@ def make_tiny(arch: str, tokenizer, layers: int = 6, seed: int = 0, dtype=torch.
             if "norm" in name:
                 p.add_(torch.randn_like(p) * 0.1)
     return model.eval()
+
+
+@pytest.fixture(autouse=True)
+def torch_threads():
+    """Each test starts with the thread count chosen above, even if an earlier one (a CLI run with --threads)
+    changed it."""
+    torch.set_num_threads(THREADS)
+    yield
 
 
 @pytest.fixture(scope="session")

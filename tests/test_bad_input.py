@@ -11,6 +11,9 @@ To extend it for another command, add rows to TABLE; paths in a row are `{name}`
 Each row is its own process running the CLI entry point `sortedllm.cli.main(argv)`, with its own stderr and exit
 code. To keep the table cheap, those processes are forked from one warm process that has already imported torch,
 transformers and TRL (about 5 s of CPU per process otherwise); the --debug rows run `python -m sortedllm.cli`.
+
+The default (fast) run checks one row per command (FAST); the other rows and the --debug rows are marked `slow` and
+run with RUN_SLOW=1 (scripts/test.sh).
 """
 
 from __future__ import annotations
@@ -221,6 +224,22 @@ DEBUG_ROWS = [
     Row("debug-export", "--debug " + EXPORT + " --layers 9", "exit layer 9 is out of range"),
 ]
 
+# One representative row per command runs in the default fast run; the other rows are `slow`.
+FAST = {"train-exit-out-of-range", "evaluate-exit-not-in-checkpoint", "generate-draft-exit-out-of-range",
+        "export-disk-full-during-save"}
+assert FAST <= {r.id for r in TABLE}, FAST - {r.id for r in TABLE}
+
+
+# The first selected row runs the `world` and `outcomes` fixtures (a short training run, then every selected row's
+# process): the timeout covers that setup, the rows themselves only read results.
+pytestmark = pytest.mark.timeout(1200)
+
+
+def params(rows: list[Row]) -> list:
+    """The rows as pytest parameters: FAST rows as they are, every other row marked slow."""
+    return [pytest.param(r, id=r.id, marks=() if r.id in FAST else pytest.mark.slow) for r in rows]
+
+
 BASE_YAML = """model: {tiny}
 data: gsm8k
 data_limit: 4
@@ -383,11 +402,13 @@ def run_cli(row: Row, world: dict) -> dict:
 
 @pytest.fixture(scope="module")
 def outcomes(request, world):
-    """Run the selected rows of this module (all of them by default)."""
+    """Run the selected rows of this module that are not skipped (all of them with RUN_SLOW=1)."""
     rows = []
     for item in request.session.items:
         spec = getattr(item, "callspec", None)
-        if getattr(item, "module", None) is request.module and spec is not None and "row" in spec.params:
+        skipped = item.get_closest_marker("skip") is not None  # a slow row without RUN_SLOW
+        if getattr(item, "module", None) is request.module and spec is not None and "row" in spec.params \
+                and not skipped:
             rows.append(spec.params["row"])
     table = [r for r in rows if r not in DEBUG_ROWS]
     results = run_forked(table, world) if table else {}
@@ -407,7 +428,7 @@ def assert_nothing_half_written(result: dict) -> None:
             assert manifest_problem(ckpt) is None, ckpt
 
 
-@pytest.mark.parametrize("row", TABLE, ids=[r.id for r in TABLE])
+@pytest.mark.parametrize("row", params(TABLE))
 def test_bad_input_is_one_clear_line_and_exit_2(row, outcomes):
     result = outcomes[row.id]
     lines = [line for line in result["stderr"].splitlines() if line.strip()]
@@ -421,7 +442,7 @@ def test_bad_input_is_one_clear_line_and_exit_2(row, outcomes):
     assert_nothing_half_written(result)
 
 
-@pytest.mark.parametrize("row", DEBUG_ROWS, ids=[r.id for r in DEBUG_ROWS])
+@pytest.mark.parametrize("row", params(DEBUG_ROWS))
 def test_debug_shows_the_traceback(row, outcomes):
     result = outcomes[row.id]
     err = result["stderr"]

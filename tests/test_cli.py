@@ -35,6 +35,8 @@ output_dir: {tmp_path / 'run'}
     return cfg
 
 
+@pytest.mark.slow  # two CLI subprocesses (train, then evaluate)
+@pytest.mark.timeout(600)
 def test_train_then_evaluate(tiny_yaml, tmp_path):
     r = run_cli("train", "--config", tiny_yaml, "--max_steps", "3", "--mode", "soft")
     assert r.returncode == 0, r.stderr[-3000:]

@@ -150,6 +150,8 @@ def original_gguf():
     return Path(spec.origin).parent / "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
+@pytest.mark.slow  # reads the real SmolLM2 GGUF and rebuilds a tokenizer from GGUF (about 25 s)
+@pytest.mark.timeout(600)
 def test_gguf_round_trip_through_transformers(tiny_checkpoint, tmp_path, monkeypatch):
     """GGUF f32 of exit 4, read back by transformers' GGUF loader: same logits, same tokenizer, and the same
     metadata keys and tensor names llama.cpp wrote for the original SmolLM2 GGUF."""
@@ -207,6 +209,7 @@ def test_gguf_half_precision_tensors(tiny_sorted, tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(600)  # may load SmolLM2 first (converted from GGUF on a new machine)
 def test_default_model_exit_generates_like_the_sorted_model(default_model, tmp_path):
     """SmolLM2's 9-layer sub-model, exported: HF `generate` (its own KV cache) picks the same greedy tokens as
     recomputing exit 9's logits from scratch at every step."""

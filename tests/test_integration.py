@@ -11,6 +11,7 @@ from sortedllm.train.trainer import SoFTConfig
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(1200)  # four SoFT steps and two evaluations of the 30-layer model
 def test_short_soft_run_improves_every_intermediate_exit(tmp_path, default_model):
     script = ScriptArguments(model="smollm2-135m", data="gsm8k", data_limit=24)
     args = SoFTConfig(output_dir=str(tmp_path / "run"), exits="9,18,30", max_steps=4, per_device_train_batch_size=4,

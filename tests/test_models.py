@@ -80,6 +80,8 @@ def test_unsupported_architecture_is_named():
         Architecture(model)
 
 
+@pytest.mark.slow  # the real SmolLM2 model
+@pytest.mark.timeout(600)  # may load it first (converted from GGUF on a new machine)
 def test_parameter_layout_of_default_model(default_model):
     sm = default_model
     assert sm.num_layers == 30

@@ -13,12 +13,16 @@ from dataclasses import dataclass, field
 import torch
 from trl import SFTConfig, SFTTrainer
 
+from ..errors import SortedError
 from ..exits import SortedConfig, resolve_exits
 from ..models import Architecture
+from .chunked import resolve_impl
 from .loss import multi_exit_loss
 from .schedules import make_schedule
+from .split import SplitAdamW
 
 MODES = ("soft", "sft", "ict", "draft")
+EXIT_OPTIMIZERS = ("split", "joint")
 
 
 @dataclass
@@ -49,6 +53,10 @@ class SoFTConfig(SFTConfig):
         "help": "Which exits contribute each step: uniform (all, the paper), weights, sample:n or rotate."})
     exit_weights: str | None = field(default=None, metadata={
         "help": "Per-exit loss weights for exit_schedule=weights, comma-separated in exit order."})
+    exit_optimizer: str = field(default="split", metadata={
+        "help": "split (default): the last exit's gradient and the other exits' gradient each get their own AdamW "
+                "moments, so the full model gets SFT's update (train/split.py); joint: one AdamW on the weighted sum "
+                "(the paper's loss)."})
     loss_impl: str = field(default="auto", metadata={
         "help": "Linear + cross-entropy path: auto (cut-cross-entropy on a CUDA GPU, else chunked), chunked, cce, "
                 "trl or dense (full logits of the labelled positions; reference)."})
@@ -66,12 +74,7 @@ class SoFTConfig(SFTConfig):
         if self.bf16 is None:
             self.bf16 = bool(torch.cuda.is_available() and torch.cuda.is_bf16_supported())
         if self.mode not in MODES:
-            from ..errors import SortedError
-
             raise SortedError(f"unknown mode '{self.mode}': use one of {', '.join(MODES)}")
-        from ..errors import SortedError
-        from .chunked import resolve_impl  # a clear error now for an unknown or unavailable loss_impl
-
         if not 0 <= self.distill_alpha <= 1:
             raise SortedError(f"distill_alpha must be between 0 and 1 (got {self.distill_alpha})")
         if not self.distill_temperature > 0:
@@ -80,9 +83,17 @@ class SoFTConfig(SFTConfig):
             why = {"sft": "trains the last exit only: nothing to distill", "ict": "trains per-exit heads, which "
                    "are not distilled"}.get(self.mode, "distils into the draft layer by itself")
             raise SortedError(f"distill_alpha needs mode soft (mode {self.mode} {why}); set --distill_alpha 0")
+        if self.exit_optimizer not in EXIT_OPTIMIZERS:
+            raise SortedError(f"unknown exit_optimizer '{self.exit_optimizer}': use split or joint")
+        # a clear error now for an unknown or unavailable loss_impl
         resolve_impl(self.loss_impl, torch.device("cuda" if torch.cuda.is_available() else "cpu"),
                      distill=self.distill_alpha > 0)
         super().__post_init__()
+
+
+def split_streams(args) -> bool:
+    """Whether SoFT trains with the split-stream optimizer (train/split.py)."""
+    return args.mode == "soft" and getattr(args, "exit_optimizer", "joint") == "split"
 
 
 def trained_exits(mode: str, exits: list[int]) -> list[int]:
@@ -112,30 +123,80 @@ class SoFTTrainer(SFTTrainer):
                                                    "temperature": args.distill_temperature}
         self.schedule = make_schedule(args.exit_schedule, trained_exits(args.mode, exits), args.exit_weights,
                                       seed=args.seed)
+        self.split = split_streams(args) and len(trained_exits(args.mode, exits)) > 1
+        if args.mode == "soft":
+            self.sorted_config.extra["exit_optimizer"] = args.exit_optimizer
+        if self.split and (self.is_fsdp_enabled or self.is_deepspeed_enabled):
+            raise SortedError("exit_optimizer split keeps a second gradient stream that FSDP and DeepSpeed do not "
+                              "shard; train with --exit_optimizer joint under them")
+
+    @staticmethod
+    def get_optimizer_cls_and_kwargs(args, model=None):
+        """AdamW as configured, or its split-stream form (train/split.py) for SoFT with exit_optimizer split."""
+        cls, kwargs = SFTTrainer.get_optimizer_cls_and_kwargs(args, model)
+        if not split_streams(args):
+            return cls, kwargs
+        if cls is not torch.optim.AdamW:
+            raise SortedError(f"exit_optimizer split needs AdamW (optim adamw_torch or adamw_torch_fused), got "
+                              f"optim {args.optim}; choose one of those or --exit_optimizer joint")
+        return SplitAdamW, {**kwargs, "rest_max_grad_norm": args.max_grad_norm}
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         mode = "train" if self.model.training else "eval"
         outputs = model(input_ids=inputs["input_ids"], attention_mask=inputs.get("attention_mask"),
                         output_hidden_states=True, logits_to_keep=1, use_cache=False)
         weights = self.schedule.weights(self.state.global_step) if mode == "train" else self.schedule.eval_weights()
-        result = multi_exit_loss(outputs.hidden_states, inputs["labels"], weights, self.arch,
-                                 exit_heads=getattr(self, "exit_heads", None), num_items_in_batch=num_items_in_batch,
-                                 impl=self.args.loss_impl, chunk_size=self.args.loss_chunk_size,
-                                 distill_alpha=self.args.distill_alpha,
-                                 distill_temperature=self.args.distill_temperature)
-        loss = result.loss
         # As transformers' Trainer: the token count spans all ranks and DDP averages gradients across them.
-        if self.args.average_tokens_across_devices and num_items_in_batch is not None:
-            loss = loss * self.accelerator.num_processes
-        # Per-token means over all ranks: each rank's mean weighted by its label tokens (a plain mean of the ranks'
-        # means would not be the global batch's mean when ranks hold different numbers of tokens).
-        n = torch.tensor(float(result.num_tokens), device=loss.device)
-        total = self.accelerator.gather_for_metrics(n.reshape(1)).sum().clamp(min=1)
-        for prefix, values in (("loss_exit", result.per_exit), ("kl_exit", result.kl)):
-            for k, v in values.items():
-                summed = self.accelerator.gather_for_metrics((v.to(n.device) * n).reshape(1)).sum()
-                self._metrics[mode][f"{prefix}_{k}"].append((summed / total).item())
+        spread = self.accelerator.num_processes if (self.args.average_tokens_across_devices
+                                                    and num_items_in_batch is not None) else 1
+        L = self.arch.num_layers
+        rest = {k: w for k, w in weights.items() if k != L and w}
+        if mode == "train" and self.split and rest and weights.get(L):
+            # Two streams from one forward: the intermediate exits' gradient goes to the optimizer's second stream
+            # now; the last exit's loss is what the Trainer backpropagates into .grad, as SFT's would be.
+            total = sum(rest.values())
+            others = self.exit_loss(outputs, inputs["labels"], {k: w / total for k, w in rest.items()},
+                                    num_items_in_batch)
+            last = self.exit_loss(outputs, inputs["labels"], {L: 1.0}, num_items_in_batch, distill=False)
+            self.add_rest_gradient(others.loss * spread, num_items_in_batch)
+            loss, results = last.loss + others.loss.detach(), (others, last)
+        else:
+            result = self.exit_loss(outputs, inputs["labels"], weights, num_items_in_batch)
+            loss, results = result.loss, (result,)
+        self.log_exits(mode, results)
+        loss = loss * spread
         return (loss, outputs) if return_outputs else loss
+
+    def exit_loss(self, outputs, labels, weights: dict[int, float], num_items_in_batch, distill: bool = True):
+        return multi_exit_loss(outputs.hidden_states, labels, weights, self.arch,
+                               exit_heads=getattr(self, "exit_heads", None), num_items_in_batch=num_items_in_batch,
+                               impl=self.args.loss_impl, chunk_size=self.args.loss_chunk_size,
+                               distill_alpha=self.args.distill_alpha if distill else 0.0,
+                               distill_temperature=self.args.distill_temperature)
+
+    def add_rest_gradient(self, loss: torch.Tensor, num_items_in_batch) -> None:
+        """Backpropagate the intermediate exits' loss into the split optimizer's second stream, scaled for gradient
+        accumulation exactly as `Trainer.training_step` scales the loss it backpropagates."""
+        scaled = self.loss_is_scaled_for_ga
+        if scaled is None:
+            scaled = (self.model_accepts_loss_kwargs and num_items_in_batch is not None) or \
+                self.compute_loss_func is not None
+        if not scaled:
+            loss = loss / self.current_gradient_accumulation_steps
+        optimizer = getattr(self.optimizer, "optimizer", self.optimizer)  # accelerate wraps it
+        params = optimizer.parameters()
+        optimizer.add_rest(torch.autograd.grad(loss, params, retain_graph=True, allow_unused=True))
+
+    def log_exits(self, mode: str, results) -> None:
+        """Per-token means over all ranks: each rank's mean weighted by its label tokens (a plain mean of the ranks'
+        means would not be the global batch's mean when ranks hold different numbers of tokens)."""
+        n = torch.tensor(float(results[0].num_tokens), device=results[0].loss.device)
+        total = self.accelerator.gather_for_metrics(n.reshape(1)).sum().clamp(min=1)
+        for result in results:
+            for prefix, values in (("loss_exit", result.per_exit), ("kl_exit", result.kl)):
+                for k, v in values.items():
+                    summed = self.accelerator.gather_for_metrics((v.to(n.device) * n).reshape(1)).sum()
+                    self._metrics[mode][f"{prefix}_{k}"].append((summed / total).item())
 
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False):
         super().save_model(output_dir, _internal_call)

@@ -8,6 +8,7 @@ from sortedllm.cli import main
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(600)  # generation on the 30-layer model for four tasks
 def test_default_model_every_task(tmp_path, capsys):
     out = tmp_path / "ev"
     code = main(["evaluate", "--model", "smollm2-135m", "--tasks", "loss,gsm8k,triviaqa,tournament,similarity",

@@ -83,6 +83,8 @@ def test_evaluate_runs_a_harness_task_on_every_exit(constant_checkpoints, local_
     assert f"lm_eval_{TASK}.png" in (out / "report.md").read_text()
 
 
+@pytest.mark.slow  # a CLI subprocess that imports lm-eval
+@pytest.mark.timeout(600)
 def test_python_m_entry_point(constant_checkpoints, local_task):
     r = subprocess.run([sys.executable, "-m", "sortedllm.evaluate.lm_eval", "--model", "sortedllm", "--model_args",
                         f"pretrained={constant_checkpoints['sevens']},exit_layer=2", "--tasks", TASK,

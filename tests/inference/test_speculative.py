@@ -59,6 +59,8 @@ def test_stop_tokens_end_rows_early_in_a_batch(tokenizer):
         assert out[0].text == ref[0].text
 
 
+@pytest.mark.slow  # the real SmolLM2 model
+@pytest.mark.timeout(600)  # may load it first (converted from GGUF on a new machine)
 def test_default_model_greedy_identical(default_model):
     sm = default_model
     prompts = PROMPTS[:4]

@@ -1,3 +1,4 @@
+import pytest
 import torch
 
 from sortedllm.data import encode_prompt
@@ -24,6 +25,8 @@ def test_static_exit_equals_exported_submodel_generate(tiny_sorted):
             assert g.token_ids == hf_greedy(small, sm.tokenizer, p, 12)[:len(g.token_ids)]
 
 
+@pytest.mark.slow  # the real SmolLM2 model
+@pytest.mark.timeout(600)  # may load it first (converted from GGUF on a new machine)
 def test_default_model_full_depth_matches_hf_generate(default_model):
     sm = default_model
     ours = generate(sm, PROMPTS, max_new_tokens=20, batch_size=3)

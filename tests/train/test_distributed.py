@@ -66,6 +66,8 @@ def losses(folder: Path, key: str = "loss") -> list[float]:
     return [h[key] for h in state["log_history"] if key in h]
 
 
+@pytest.mark.slow  # three training processes (one alone, two under accelerate launch)
+@pytest.mark.timeout(900)
 def test_ddp_two_processes_match_one_process(run_yaml, tmp_path):
     """accelerate launch, 2 processes x 2 sequences vs 1 process x 4: the same loss curve and final weights."""
     from safetensors.torch import load_file
@@ -97,6 +99,8 @@ def test_ddp_two_processes_match_one_process(run_yaml, tmp_path):
     assert cfg["exits"] == [2, 4, 6] and cfg["mode"] == "soft"
 
 
+@pytest.mark.slow  # two CLI processes under accelerate launch
+@pytest.mark.timeout(600)
 def test_unjoined_processes_are_refused(run_yaml, tmp_path):
     """Processes launched with no GPU and no --use_cpu would each train alone on all the data: refused, one line."""
     proc = run([sys.executable, "-m", "accelerate.commands.launch", "--config_file", ACCELERATE / "ddp.yaml",
@@ -200,6 +204,8 @@ def fsdp_steps(world: int, rank: int) -> dict:
     return {"losses": curve, "norms": full}
 
 
+@pytest.mark.slow  # two torchrun worker processes
+@pytest.mark.timeout(900)
 def test_fsdp2_matches_one_process(tmp_path):
     proc = run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", 2, "--master_port", free_port(),
                 Path(__file__)], env={"FSDP_RESULT": str(tmp_path / "fsdp.json")})

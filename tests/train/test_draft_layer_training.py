@@ -48,6 +48,8 @@ def test_loss_is_kl_to_the_last_layer_and_training_lowers_it(tokenizer):
     assert summary(ours)["acceptance"] > summary(plain)["acceptance"], (summary(ours), summary(plain))
 
 
+@pytest.mark.slow  # three CLI subprocesses (train, then generate twice)
+@pytest.mark.timeout(600)
 def test_cli_trains_a_draft_layer_and_generate_uses_it(tiny_checkpoint, tmp_path):
     out = tmp_path / "draft"
     r = run_cli("train", "--mode", "draft", "--base", tiny_checkpoint, "--data", "gsm8k", "--data_limit", 8,
@@ -69,10 +71,10 @@ def test_cli_trains_a_draft_layer_and_generate_uses_it(tiny_checkpoint, tmp_path
     assert r.returncode == 2 and "drafts at exit 3" in r.stderr and "Traceback" not in r.stderr
 
 
-@pytest.mark.parametrize("extra,message", [
+@pytest.mark.parametrize("extra,message", [  # one CLI subprocess each: the first in the fast run, the rest slow
     ((), "--mode draft needs --base"),
-    (("--base", "BASE", "--max_steps", "-1"), "--mode draft needs --max_steps"),
-    (("--base", "BASE", "--draft_shared", "6"), "must end before the last layer"),
+    pytest.param(("--base", "BASE", "--max_steps", "-1"), "--mode draft needs --max_steps", marks=pytest.mark.slow),
+    pytest.param(("--base", "BASE", "--draft_shared", "6"), "must end before the last layer", marks=pytest.mark.slow),
 ])
 def test_cli_errors(tiny_checkpoint, tmp_path, extra, message):
     extra = [str(tiny_checkpoint) if x == "BASE" else x for x in extra]

@@ -133,6 +133,8 @@ def runs(tmp_path_factory, dropout_checkpoint):
     return runs
 
 
+@pytest.mark.slow  # five CLI training runs (three, then two resumes)
+@pytest.mark.timeout(1200)  # the first of the two also runs the module's `runs` fixture
 @pytest.mark.parametrize("how", ["killed", "crashed"])
 def test_interrupted_run_resumes_to_the_same_weights_and_loss_curve(runs, how):
     run = runs[how]

@@ -1,4 +1,5 @@
 import json
+import math
 
 import pytest
 import torch
@@ -45,11 +46,23 @@ def test_trainer_checkpoint_carries_sorted_config(tiny, tmp_path):
 
 
 def test_trainer_accepts_raw_prompt_completion_data(tiny, tmp_path):
-    """A TRL user's dataset (not pre-tokenised) goes through TRL's own preparation."""
+    """A TRL user's dataset (not pre-tokenised) goes through TRL's own preparation: the same tokens and the same
+    completion-only labels as our own encoding of those rows, then a training step with a finite loss."""
     import datasets
 
     model, tok = tiny
+    rows = load_examples("gsm8k", limit=8)
     ds = datasets.Dataset.from_list([{"prompt": [{"role": "user", "content": r["prompt"]}],
                                       "completion": [{"role": "assistant", "content": r["completion"]}]}
-                                     for r in load_examples("gsm8k", limit=8)])
-    SoFTTrainer(model=model, args=tiny_args(tmp_path, max_steps=1), train_dataset=ds, processing_class=tok).train()
+                                     for r in rows])
+    trainer = SoFTTrainer(model=model, args=tiny_args(tmp_path, max_steps=1), train_dataset=ds, processing_class=tok)
+    ours = encode_dataset(tok, rows, 128)  # drops the rows whose prompt fills max_length, as TRL does
+    prepared = trainer.train_dataset
+    assert prepared["input_ids"] == ours["input_ids"]
+    assert prepared["labels"] == [[t if m else -100 for t, m in zip(ids, mask)]
+                                  for ids, mask in zip(ours["input_ids"], ours["completion_mask"])]
+    trainer.train()
+    assert trainer.state.global_step == 1
+    logged = [h for h in trainer.state.log_history if "loss" in h]
+    keys = ("loss", "loss_exit_2", "loss_exit_4", "loss_exit_6")
+    assert logged and all(math.isfinite(logged[0][k]) for k in keys), trainer.state.log_history
