@@ -3,6 +3,8 @@
     from sortedllm import SortedModel, SoFTTrainer, SoFTConfig
 """
 
+import importlib
+
 from .errors import SortedError
 from .exits import SortedConfig, SortedModel, resolve_exits
 from .models import Architecture, load_model
@@ -10,11 +12,11 @@ from .models import Architecture, load_model
 __version__ = "0.1.0"
 
 
-def __getattr__(name):  # the trainer pulls in TRL; import it only when asked for
+def __getattr__(name):
+    """`SoFTTrainer` / `SoFTConfig` from train/trainer.py, imported on first use: it pulls in TRL, which the core
+    (loading, exits, adapters) does not need."""
     if name in ("SoFTTrainer", "SoFTConfig"):
-        from .train import trainer
-
-        return getattr(trainer, name)
+        return getattr(importlib.import_module(".train.trainer", __name__), name)
     raise AttributeError(name)
 
 

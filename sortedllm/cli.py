@@ -7,12 +7,13 @@ import logging
 import os
 import sys
 
+from .checkpoint import io_problem
 from .errors import SortedError
 
 # command -> (module with `main(argv) -> int`, one-line description)
 COMMANDS = {
-    "train": ("sortedllm.train.recipe", "SoFT (or SFT) fine-tuning from a YAML config plus --field overrides"),
-    "evaluate": ("sortedllm.evaluate", "per-exit evaluation of a checkpoint (loss, tasks, report)"),
+    "train": ("sortedllm.train.recipe", "SoFT / SFT fine-tuning, ICT heads or a draft layer, from a YAML config plus --field overrides"),
+    "evaluate": ("sortedllm.evaluate.cli", "per-exit evaluation of a checkpoint (loss, tasks, report)"),
     "export": ("sortedllm.export", "write sub-models (first k layers) as ordinary HF models, optionally GGUF"),
     "generate": ("sortedllm.inference.cli", "generate text: static exit, self-speculative decoding, early exit"),
 }
@@ -61,8 +62,6 @@ def main(argv: list[str] | None = None) -> int:
     except SortedError as e:
         return report(e, str(e), e.exit_code, debug)
     except OSError as e:  # the environment (disk full, read-only, permissions), not a bug: one line too
-        from .checkpoint import io_problem
-
         problem = io_problem(e)
         if problem is None:
             raise

@@ -6,17 +6,23 @@ Layers are counted from 1, so exit L (the number of layers) is the full model.
 
 from __future__ import annotations
 
+import copy
 import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
 
+from .adapters import Adapter, DraftLayer, ICTHeads, LoraAdapter, adapter_kind, load_adapter
+from .adapters.lora import is_adapter
+from .adapters.vocab import VOCAB_FILE, load_draft_vocab, vocab_json
+from .checkpoint import atomic_dir, atomic_write_text, verify_manifest
 from .errors import SortedError
 from .models import Architecture, load_model
 
 CONFIG_NAME = "sorted_config.json"
 VERSION = "0.1.0"
+MAX_CHAIN = 8  # adapters stacked on adapters (ICT heads on a LoRA folder, ...) before a loop is assumed
 
 
 def default_start(num_layers: int) -> int:
@@ -94,8 +100,6 @@ class SortedConfig:
     sortedllm_version: str = VERSION
 
     def save(self, folder: str | Path) -> None:
-        from .checkpoint import atomic_write_text
-
         atomic_write_text(Path(folder) / CONFIG_NAME, json.dumps(asdict(self), indent=2) + "\n")
 
     @classmethod
@@ -115,9 +119,12 @@ class SortedConfig:
 
 
 class SortedModel:
-    """A causal LM plus its exits: read any exit's hidden state and logits, save/load with the exit list.
+    """A causal LM plus its exits: read any exit's hidden state and logits, attach adapters, save/load.
 
-    The wrapped `model` stays a plain HF model (Trainer, peft, accelerate and `generate` see it unchanged).
+    The wrapped `model` stays a plain HF model (Trainer, peft, accelerate and `generate` see it unchanged); with a
+    LoRA adapter it is the peft model. `adapters` maps an adapter type to the attached adapter (adapters/):
+    `exit_heads` reads the ICT heads, `draft_layer` the trained draft layer. `draft_vocab` is the draft vocabulary
+    (ranked token ids, adapters/vocab.py) or None, `draft_vocab_info` where it came from.
     """
 
     def __init__(self, model, tokenizer=None, exits=None, config: SortedConfig | None = None):
@@ -125,36 +132,93 @@ class SortedModel:
         self.tokenizer = tokenizer
         self.arch = Architecture(model)
         self.num_layers = self.arch.num_layers
+        self.use_config(config, exits)
+        self.adapters: dict[str, Adapter] = {}
+        if is_adapter(model):  # trained with --lora: the model is the peft wrapper
+            self.adapters[LoraAdapter.adapter_type] = LoraAdapter(model)
+        self.draft_vocab: torch.Tensor | None = None
+        self.draft_vocab_info: dict = {}
+        self.source: str | None = None  # the spec it was loaded from
+
+    def use_config(self, config: SortedConfig | None, exits=None) -> None:
+        """Adopt a checkpoint's sorted_config.json (checked against the model); `exits` overrides its exits."""
         if config is not None and config.num_hidden_layers != self.num_layers:
             raise SortedError(f"sorted_config.json says {config.num_hidden_layers} layers but the model has "
                               f"{self.num_layers}: the checkpoint folder mixes two models")
-        self.config = config or SortedConfig(exits=resolve_exits(exits, self.num_layers),
-                                             num_hidden_layers=self.num_layers, mode="untuned")
-        if config is not None and exits is not None:
-            self.config.exits = resolve_exits(exits, self.num_layers)
-        self.config.exits = resolve_exits(self.config.exits, self.num_layers)
-        # Per-exit (norm, head) pairs, when early-exit heads were trained (ICT); None = the shared norm + head.
-        self.exit_heads: dict[int, tuple[torch.nn.Module, torch.nn.Module]] | None = None
-        self.source: str | None = None  # the spec it was loaded from
+        if config is None:
+            config = SortedConfig(exits=resolve_exits(exits, self.num_layers), num_hidden_layers=self.num_layers,
+                                  mode="untuned")
+        elif exits is not None:
+            config.exits = exits
+        config.exits = resolve_exits(config.exits, self.num_layers)
+        self.config = config
 
     @property
     def exits(self) -> list[int]:
         return self.config.exits
 
+    @property
+    def exit_heads(self) -> dict[int, tuple[torch.nn.Module, torch.nn.Module]] | None:
+        """Per-exit (norm, head) pairs when ICT heads are attached; None = every exit uses the shared ones."""
+        heads = self.adapters.get(ICTHeads.adapter_type)
+        return heads.pairs(self.arch) if heads is not None else None
+
+    @exit_heads.setter
+    def exit_heads(self, pairs: dict | None) -> None:
+        """Attach {exit: (norm, head)} modules as ICT heads on this model (None or {} detaches them); their base is
+        the config's `base_model`, else where the model was loaded from."""
+        self.adapters.pop(ICTHeads.adapter_type, None)
+        if pairs:
+            heads = ICTHeads.from_pairs(pairs, self.arch)
+            heads.set_base(self.model, self.config.base_model or self.source)
+            self.attach(heads)
+
+    @property
+    def draft_layer(self) -> DraftLayer | None:
+        """The attached trained draft layer, if any."""
+        return self.adapters.get(DraftLayer.adapter_type)
+
     @classmethod
     def from_pretrained(cls, spec: str, exits=None, **load_kwargs) -> "SortedModel":
-        """Load a checkpoint (reads its `sorted_config.json`) or any plain model (exits default to count:8)."""
-        config = SortedConfig.load(spec) if Path(spec).is_dir() else None
-        if config is not None and config.mode == "ict":  # per-exit heads beside a reference to their frozen base
-            from .checkpoint import verify_manifest
-            from .train.ict import load_ict
+        """Load a checkpoint (reads its `sorted_config.json` and `draft_vocab.json`), any plain model (exits default
+        to count:8) or an adapter folder: its base (loaded the same way, so adapters chain) with it attached."""
+        return cls._load(str(spec), exits, load_kwargs, depth=0)
 
+    @classmethod
+    def _load(cls, spec: str, exits, load_kwargs: dict, depth: int) -> "SortedModel":
+        kind = adapter_kind(spec) if Path(spec).is_dir() else None
+        if kind is None:
+            model, tokenizer = load_model(spec, **load_kwargs)
+            sm = cls(model, tokenizer, exits=exits, config=SortedConfig.load(spec) if Path(spec).is_dir() else None)
+        else:
+            if depth >= MAX_CHAIN:
+                raise SortedError(f"{spec}: more than {MAX_CHAIN} adapters on top of each other (a folder that names "
+                                  "itself as its base?)")
             verify_manifest(spec, require=False, fix="re-save or re-copy it")  # (load_model checks the base's)
-            return load_ict(spec, config, exits=exits, **load_kwargs)
-        model, tokenizer = load_model(spec, **load_kwargs)
-        sm = cls(model, tokenizer, exits=exits, config=config)
+            sm = cls._load(kind.base_spec(Path(spec)), None, load_kwargs, depth + 1)
+            sm.load_adapter(spec)
+            sm.use_config(SortedConfig.load(spec) or sm.config, exits)
         sm.source = spec
+        vocab, info = load_draft_vocab(spec)
+        if vocab is not None:
+            sm.draft_vocab, sm.draft_vocab_info = vocab, info
         return sm
+
+    def load_adapter(self, path) -> Adapter:
+        """Attach the adapter saved at `path` (a folder, or a lone draft-layer file); its base must be this model."""
+        return self.attach(load_adapter(path, self))
+
+    def attach(self, adapter: Adapter) -> Adapter:
+        """Attach an adapter built for this model (a draft layer replaces the one attached; a second ICT or LoRA
+        adapter is refused: stack them by saving one and training the next on that folder)."""
+        kind = adapter.adapter_type
+        if kind in self.adapters and not adapter.replaceable:
+            raise SortedError(f"{self.source or 'this model'} already has a {kind} adapter attached; {kind} adapters "
+                              "go on a model without one")
+        adapter.check_base(self, f"this {kind} adapter")
+        adapter.attach(self)
+        self.adapters[kind] = adapter
+        return adapter
 
     def check_exits(self, exits) -> list[int]:
         """Validate a user's choice of exits; on a trained checkpoint they must be among its exits."""
@@ -169,27 +233,51 @@ class SortedModel:
         return chosen
 
     def save_pretrained(self, folder: str | Path, **config_updates) -> Path:
-        """Plain HF folder (safetensors + tokenizer) plus `sorted_config.json`, written atomically."""
-        from .checkpoint import atomic_dir
-
+        """The model as a folder, written atomically: with ICT heads their adapter folder (heads + base reference),
+        with LoRA peft's adapter folder, else a plain HF folder (safetensors + tokenizer); always its
+        `sorted_config.json` and, when it has one, `draft_vocab.json`. A draft layer is saved on its own
+        (`sm.draft_layer.save_pretrained(folder)`)."""
         for k, v in config_updates.items():
             setattr(self.config, k, v)
-        if self.exit_heads:  # ICT: only the heads + the base reference (train/ict.py)
-            from .train.ict import save_ict
-
-            return save_ict(self, folder)
+        folder = Path(folder)
+        top = self.adapters.get(ICTHeads.adapter_type) or self.adapters.get(LoraAdapter.adapter_type)
+        config = copy.deepcopy(self.config)
         with atomic_dir(folder) as tmp:
-            self.model.save_pretrained(tmp, safe_serialization=True)
-            if self.tokenizer is not None:
+            if top is None:
+                self.model.save_pretrained(tmp, safe_serialization=True)
+            else:
+                top.write(tmp, folder)
+            if isinstance(top, ICTHeads):
+                config.mode = "ict"  # the folder holds heads only; the tokenizer comes with the base
+            elif self.tokenizer is not None:
                 self.tokenizer.save_pretrained(tmp)
-            self.config.save(tmp)
-        return Path(folder)
+            config.save(tmp)
+            if self.draft_vocab is not None:
+                (tmp / VOCAB_FILE).write_text(vocab_json(self.draft_vocab, self.draft_vocab_info))
+        return folder
 
-    # -- reading exits -------------------------------------------------------------------------------------
+    # -- running layers and reading exits ------------------------------------------------------------------
+
+    def forward_early(self, x: torch.Tensor, k: int, **kwargs) -> torch.Tensor:
+        """The hidden state after layer k (LayerSkip's early forward): `x` is token ids [B, T] (embedded first) or
+        the embeddings [B, T, H]; kwargs as `Architecture.run_layers` (attention_mask, position_ids, cache)."""
+        if not 0 <= k <= self.num_layers:
+            raise SortedError(f"layer {k} is out of range: this model has layers 1..{self.num_layers}")
+        h = x if torch.is_floating_point(x) else self.arch.embed(x)
+        return self.arch.run_layers(h, 0, k, **kwargs)
+
+    def forward_remainder(self, hidden: torch.Tensor, start: int, end: int | None = None, **kwargs) -> torch.Tensor:
+        """Layers start+1..end (default: to the last) on the hidden state after layer `start`, so
+        `forward_remainder(forward_early(ids, k), k)` is the full model's last hidden state (before the norm)."""
+        end = self.num_layers if end is None else end
+        if not 0 <= start <= end <= self.num_layers:
+            raise SortedError(f"layers {start + 1}..{end} are out of range for a model with {self.num_layers} layers")
+        return self.arch.run_layers(hidden, start, end, **kwargs)
 
     def exit_norm_head(self, k: int):
-        if self.exit_heads is not None and k in self.exit_heads:
-            return self.exit_heads[k]
+        heads = self.exit_heads
+        if heads is not None and k in heads:
+            return heads[k]
         return self.arch.norm, self.arch.head
 
     def exit_logits(self, hidden: torch.Tensor, k: int) -> torch.Tensor:
@@ -203,7 +291,7 @@ class SortedModel:
         h = self.arch.embed(input_ids)
         out, done = {}, 0
         for k in exits:
-            h = self.arch.run_layers(h, done, k, attention_mask=attention_mask)
+            h = self.forward_remainder(h, done, k, attention_mask=attention_mask)
             out[k], done = h, k
         return out
 

@@ -1,9 +1,14 @@
 """Export sub-models: the first k layers + the shared norm and head as an ordinary HF model (`num_hidden_layers =
-k`), loadable by `AutoModelForCausalLM`, vLLM or llama.cpp's converter with no sortedllm code; optionally GGUF.
+k`), loadable by `AutoModelForCausalLM`, vLLM or llama.cpp's converter with no sortedllm code; optionally GGUF. Each
+folder also gets the model's draft vocabulary (`draft_vocab.json`, adapters/vocab.py), which other tools ignore.
 
     sortedllm export --model runs/soft/final --layers 12 --out exported/exit-12
     sortedllm export --model runs/soft/final --layers all --out exported          # exported/exit-<k> for every exit
     sortedllm export --model runs/soft/final --layers 12 --out exported/exit-12 --gguf f16
+    sortedllm export --model runs/soft/final --draft_vocab 8192 [--draft_data gsm8k]   # add/replace it in place
+
+The draft vocabulary written is the model's own (`sortedllm train` saves one with every model); `--draft_vocab N`
+recomputes it: the N most frequent tokens of `--draft_data`, default the data the model was trained on (0 = none).
 """
 
 from __future__ import annotations
@@ -16,7 +21,13 @@ from pathlib import Path
 
 import torch
 
+from .adapters import lora
+from .adapters.vocab import DEFAULT_SIZE, VOCAB_FILE, add_draft_vocab, vocab_from_data, vocab_json
+from .checkpoint import atomic_dir, writable_folder
+from .config import ArgumentParser
 from .errors import SortedError
+from .exits import SortedModel
+from .models import DTYPES
 
 LAYER_KEY = re.compile(r"(^|\.)layers\.(\d+)\.")
 GGUF_TYPES = ("f32", "f16", "bf16")
@@ -61,14 +72,14 @@ def _write(sm, k: int, folder: Path, gguf: str | None) -> None:
     model.save_pretrained(folder, safe_serialization=True)
     if sm.tokenizer is not None:
         sm.tokenizer.save_pretrained(folder)
+    if sm.draft_vocab is not None:
+        (folder / VOCAB_FILE).write_text(vocab_json(sm.draft_vocab, sm.draft_vocab_info))
     if gguf:
         write_gguf(model, folder, folder / f"model-{gguf}.gguf", gguf)
 
 
 def export(sm, k: int, out_dir: str | Path, gguf: str | None = None) -> Path:
     """Write exit k as a standalone HF folder (safetensors + tokenizer + generation config), atomically."""
-    from .checkpoint import atomic_dir
-
     check_gguf_export(sm, gguf)
     with atomic_dir(out_dir, flag="--out") as tmp:
         _write(sm, k, tmp, gguf)
@@ -77,8 +88,6 @@ def export(sm, k: int, out_dir: str | Path, gguf: str | None = None) -> Path:
 
 def export_many(sm, exits: list[int], out_dir: str | Path, gguf: str | None = None) -> list[Path]:
     """Every exit into `out_dir/exit-<k>`; the whole folder appears at once or not at all."""
-    from .checkpoint import atomic_dir
-
     check_gguf_export(sm, gguf)
     with atomic_dir(out_dir, flag="--out") as tmp:
         for k in exits:
@@ -241,8 +250,6 @@ def write_gguf(model, tokenizer_dir: Path, path: Path, out_type: str = "f16") ->
 
 def _check_out(out: Path, model_spec: str, overwrite: bool) -> None:
     """Never replace a folder the user did not mean to (the source model above all); fail before loading it."""
-    from .checkpoint import writable_folder
-
     writable_folder(out, "--out")
     src = Path(model_spec).expanduser()
     if src.exists():
@@ -262,40 +269,85 @@ def _layers(sm, spec: str) -> list[int]:
     return sm.check_exits(spec)
 
 
-def main(argv: list[str]) -> int:
-    from .config import ArgumentParser
-    from .exits import SortedModel
-    from .models import DTYPES
-
+def build_parser() -> ArgumentParser:
     p = ArgumentParser(prog="sortedllm export", description="Write sub-models (first k layers + the shared norm and "
-                       "LM head) as ordinary Hugging Face models, optionally with a GGUF file.")
+                       "LM head) as ordinary Hugging Face models, optionally with a GGUF file; or add a draft "
+                       "vocabulary to a model folder.")
     p.add_argument("--model", required=True, help="sorted checkpoint (or any model): folder, hub id, .gguf, alias")
-    p.add_argument("--layers", required=True, help="exit layer k, several (12,20), every:n, count:n, or 'all' "
-                   "(the checkpoint's exits); more than one exit goes to <out>/exit-<k>")
-    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--layers", help="exit layer k, several (12,20), every:n, count:n, or 'all' (the checkpoint's "
+                   "exits); more than one exit goes to <out>/exit-<k>. Without --layers, --draft_vocab N writes the "
+                   "draft vocabulary into --model (a local folder) or, with --out, saves the whole model there")
+    p.add_argument("--out", help="output folder (required with --layers)")
     p.add_argument("--dtype", default="auto", help="weights dtype: auto (as stored), float32, bfloat16, float16")
     p.add_argument("--gguf", nargs="?", const="f16", default=None, metavar="TYPE",
                    help=f"also write <folder>/model-TYPE.gguf for llama.cpp ({', '.join(GGUF_TYPES)}; default f16); "
                         f"LLaMA-family only")
+    p.add_argument("--draft_vocab", type=int, metavar="N", help="recompute the draft vocabulary: the N most frequent "
+                   f"tokens of --draft_data (e.g. {DEFAULT_SIZE}; 0 = write none; default: the model's own, if any)")
+    p.add_argument("--draft_data", help="data the draft vocabulary is counted on (default: what the model was "
+                   "trained on, from its sorted_config.json): gsm8k, alpaca, a JSONL file, hf:<dataset>, a+b")
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out folder")
     p.add_argument("--trust_remote_code", action="store_true")
-    a = p.parse_args(argv)
+    return p
+
+
+def check_args(a) -> None:
+    """Every option that can be checked without the model, before it is loaded."""
     if a.dtype != "auto" and a.dtype not in DTYPES:
         raise SortedError(f"unknown --dtype '{a.dtype}': use auto or one of {', '.join(DTYPES)}")
     if a.gguf is not None and a.gguf not in GGUF_TYPES:
         raise SortedError(f"unknown --gguf type '{a.gguf}': use one of {', '.join(GGUF_TYPES)}")
-    out = Path(a.out).expanduser()
-    _check_out(out, a.model, a.overwrite)
+    if a.draft_vocab is not None and a.draft_vocab < 0:
+        raise SortedError(f"--draft_vocab must be a number of tokens >= 0 (got {a.draft_vocab})")
+    if a.layers is None:
+        if not a.draft_vocab:
+            raise SortedError("--layers is required (or --draft_vocab N without --layers to add a draft vocabulary "
+                              "to --model)")
+        if a.gguf:
+            raise SortedError("--gguf needs --layers: it converts exported sub-models")
+        if a.out is None and not Path(a.model).expanduser().is_dir():
+            raise SortedError(f"--model {a.model} is not a local folder to write the draft vocabulary into; pass "
+                              "--out to save the model with it")
+    elif a.out is None:
+        raise SortedError("--layers needs --out, the folder to export to")
+    if a.out is not None:
+        _check_out(Path(a.out).expanduser(), a.model, a.overwrite)
 
+
+def set_draft_vocab(sm, size: int | None, data: str | None) -> None:
+    """`sm.draft_vocab` as the export writes it: kept (`size` None), dropped (0) or recomputed as the `size` most
+    frequent tokens of `data` (default: the data the model was trained on)."""
+    if size is None:
+        return
+    if size == 0:
+        sm.draft_vocab, sm.draft_vocab_info = None, {}
+        return
+    data = data or sm.config.data
+    if data is None:
+        raise SortedError(f"{sm.source} records no training data to count the draft vocabulary on: pass --draft_data "
+                          "(e.g. gsm8k:train+alpaca:train+triviaqa:train)")
+    sm.draft_vocab, sm.draft_vocab_info = vocab_from_data(sm.tokenizer, sm.model, data, size)
+
+
+def main(argv: list[str]) -> int:
+    a = build_parser().parse_args(argv)
+    check_args(a)
     sm = SortedModel.from_pretrained(a.model, dtype=a.dtype, trust_remote_code=a.trust_remote_code)
-    layers = _layers(sm, a.layers)
-    if not layers:
+    layers = _layers(sm, a.layers) if a.layers is not None else None
+    if layers == []:
         raise SortedError(f"--layers {a.layers} selects no exit")
-    from .train import lora
-
+    set_draft_vocab(sm, a.draft_vocab, a.draft_data)
+    if layers is None:  # the whole model: the draft vocabulary added in place, or a copy with it
+        if a.out is None:
+            path = add_draft_vocab(a.model, sm.draft_vocab, sm.draft_vocab_info)
+        else:
+            path = sm.save_pretrained(Path(a.out).expanduser()) / VOCAB_FILE
+        print(f"draft vocabulary of {len(sm.draft_vocab)} tokens ({sm.draft_vocab_info.get('data')}) -> {path}")
+        return 0
     if lora.is_adapter(sm.model):  # an adapter checkpoint leaves as a plain model: fold the adapter in first
         sm = lora.merge(sm)
     check_gguf_export(sm, a.gguf)
+    out = Path(a.out).expanduser()
     if len(layers) == 1 and a.layers.strip() != "all":
         written = [export(sm, layers[0], out, a.gguf)]
     else:
@@ -315,11 +367,3 @@ def submodel_params(sm, k: int):
     norm, head = sm.exit_norm_head(k)
     yield from norm.parameters()
     yield from head.parameters()
-
-
-if __name__ == "__main__":  # pragma: no cover
-    import sys
-
-    from .cli import main as cli
-
-    sys.exit(cli(["export", *sys.argv[1:]]))

@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from .checkpoint import check_model_folder
 from .errors import SortedError
 
 log = logging.getLogger(__name__)
@@ -30,6 +31,9 @@ DEFAULT_MODEL = "smollm2-135m"
 # Model types whose decoder forward is the standard HF loop (embed -> layers(hidden, mask, rope) -> norm -> head)
 # with nothing hidden in between (no embedding or residual multipliers); tests cover llama, qwen2 and gemma3_text.
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "gemma3_text", "smollm3", "olmo2")
+
+# Files that mark an adapter folder (sortedllm's own, peft's), which needs its base loaded first.
+ADAPTER_FILES = ("sorted_adapter.json", "adapter_config.json")
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
           "float16": torch.float16, "fp16": torch.float16}
@@ -70,7 +74,10 @@ def resolve_source(spec: str) -> ModelSource:
     if path.exists():
         if not path.is_dir():
             raise SortedError(f"model path {spec} is a file but not a .gguf; pass a model folder or a .gguf file")
-        if not (path / "config.json").is_file() and not (path / "adapter_config.json").is_file():
+        if not (path / "config.json").is_file():
+            if any((path / name).is_file() for name in ADAPTER_FILES):
+                raise SortedError(f"{spec} is an adapter folder (small weights on top of a base model), not a full "
+                                  "model: load it with SortedModel.from_pretrained, which loads its base too")
             raise SortedError(f"model folder {spec} has no config.json: it is not a Hugging Face model folder")
         return ModelSource("hf", str(path))
     looks_local = spec.startswith((".", "/", "~")) or spec.count("/") > 1 or os.sep + os.sep in spec
@@ -164,29 +171,19 @@ def resolve_folder(spec: str, trust_remote_code: bool = False) -> str:
 
 def load_model(spec: str = DEFAULT_MODEL, *, dtype: str | torch.dtype | None = None, trust_remote_code: bool = False,
                device: str | None = None):
-    """Load `(model, tokenizer)` for a spec: hub id, HF folder, .gguf file or alias. Weights come as safetensors only."""
+    """Load `(model, tokenizer)` for a spec: hub id, HF folder, .gguf file or alias. Weights come as safetensors only.
+    Adapter folders (ICT heads, a draft layer, LoRA) load with `SortedModel.from_pretrained`, which also loads their
+    base."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     folder = resolve_folder(spec, trust_remote_code)
-    from .checkpoint import check_model_folder
-
     check_model_folder(folder, spec, trust_remote_code)  # damaged, pickle-only or custom-code folders
     torch_dtype = DTYPES.get(dtype, dtype) if isinstance(dtype, str) else dtype
     if isinstance(dtype, str) and dtype not in DTYPES and dtype != "auto":
         raise SortedError(f"unknown dtype '{dtype}': use one of {', '.join(DTYPES)} or auto")
     kwargs = dict(dtype=torch_dtype or torch.float32, trust_remote_code=trust_remote_code, use_safetensors=True)
-    adapter = Path(folder) / "adapter_config.json"
     try:
-        if adapter.is_file() and not (Path(folder) / "config.json").is_file():
-            from peft import AutoPeftModelForCausalLM, PeftConfig
-
-            base = PeftConfig.from_pretrained(folder).base_model_name_or_path
-            if not base or (not Path(base).exists() and (base.startswith(("/", ".", "~")) or base.count("/") > 1)):
-                raise SortedError(f"LoRA adapter '{spec}' needs its base model '{base}', which is not found; restore "
-                                  f"it or set base_model_name_or_path in {adapter}")
-            model = AutoPeftModelForCausalLM.from_pretrained(folder, **kwargs)
-        else:
-            model = AutoModelForCausalLM.from_pretrained(folder, **kwargs)
+        model = AutoModelForCausalLM.from_pretrained(folder, **kwargs)
     except OSError as e:
         raise SortedError(f"could not load model weights from '{spec}': {str(e).splitlines()[0]}") from e
     except ValueError as e:
@@ -266,7 +263,7 @@ class Architecture:
         """Run decoder layers `start..end-1` (0-based), so `run_layers(embed(x), 0, k)` is the hidden state at
         exit k. `attention_mask` is the 2D padding mask over cached + new positions; `cache` a transformers Cache
         whose layers in this range all hold the same number of positions. `layers` runs other modules in place of
-        layers start..end-1 (a draft layer's copies: inference/draft_layer.py)."""
+        layers start..end-1 (a draft layer's copies: adapters/draft_layer.py)."""
         from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
 
         if start >= end:
@@ -292,7 +289,7 @@ class Architecture:
         for i, layer in zip(range(start, end), modules):
             kind = self.layer_types[i]
             hidden = layer(hidden, attention_mask=masks[kind], position_embeddings=rope.get(kind, shared),
-                                    position_ids=position_ids, cache=cache, use_cache=cache is not None, **kwargs)
+                           position_ids=position_ids, cache=cache, use_cache=cache is not None, **kwargs)
         return hidden
 
     def logits(self, hidden: torch.Tensor, norm: nn.Module | None = None, head: nn.Module | None = None,

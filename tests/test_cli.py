@@ -43,6 +43,8 @@ def test_train_then_evaluate(tiny_yaml, tmp_path):
     final = tmp_path / "run" / "final"
     cfg = json.loads((final / "sorted_config.json").read_text())
     assert cfg["exits"] == [2, 4, 6] and cfg["mode"] == "soft" and cfg["data"] == "gsm8k"
+    vocab = json.loads((final / "draft_vocab.json").read_text())  # counted on the training rows (2 of 16 too long)
+    assert (vocab["data"], vocab["rows"]) == ("gsm8k", 14) and 100 < len(vocab["ids"]) <= 8192
     r = run_cli("evaluate", "--model", final, "--limit", "8", "--output_dir", tmp_path / "ev")
     assert r.returncode == 0, r.stderr[-3000:]
     res = json.loads((tmp_path / "ev" / "results.json").read_text())

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from sortedllm import SortedError, SortedModel, resolve_exits
-from sortedllm.exits import CONFIG_NAME
+from sortedllm.exits import CONFIG_NAME, hidden_from_outputs
 
 
 @pytest.mark.parametrize("spec, layers, expected", [
@@ -62,3 +62,34 @@ def test_check_exits_on_a_checkpoint(tiny_sorted):
     assert sm.check_exits(None) == [2, 4, 6]
     with pytest.raises(SortedError, match="exit 3 is not an exit of this checkpoint"):
         sm.check_exits("3")
+
+
+def test_forward_early_and_remainder_are_the_full_forward(tiny_sorted):
+    """forward_early(ids, k) is HF's hidden state after layer k; forward_remainder from there is the last layer's;
+    with a padding mask and with a KV cache (prefill, then one more token) too."""
+    from transformers import DynamicCache
+
+    sm, L = tiny_sorted, tiny_sorted.num_layers
+    ids = torch.randint(0, 1000, (2, 9))
+    mask = torch.ones_like(ids)
+    mask[1, :3] = 0  # left padding in the second row
+    with torch.no_grad():
+        full = sm.model(ids, attention_mask=mask, output_hidden_states=True)
+        for k in range(L + 1):
+            h = sm.forward_early(ids, k, attention_mask=mask)
+            real = mask.bool()
+            want, normed = hidden_from_outputs(full.hidden_states, k, L)  # HF's last slot is after the final norm
+            torch.testing.assert_close((sm.arch.norm(h) if normed else h)[real], want[real], rtol=1e-4, atol=1e-4)
+            last = sm.forward_remainder(h, k, attention_mask=mask)
+            torch.testing.assert_close(sm.exit_logits(last, L)[real], full.logits[real], rtol=1e-4, atol=1e-4)
+        assert torch.equal(sm.forward_early(sm.arch.embed(ids), 3), sm.forward_early(ids, 3))  # embeddings in
+        assert torch.equal(sm.forward_remainder(sm.forward_early(ids, 2), 2, 4), sm.forward_early(ids, 4))
+        cache = DynamicCache(config=sm.arch.config)
+        sm.forward_remainder(sm.forward_early(ids[:1, :-1], 3, cache=cache), 3, cache=cache)
+        step = sm.forward_remainder(sm.forward_early(ids[:1, -1:], 3, cache=cache), 3, cache=cache)
+        torch.testing.assert_close(sm.exit_logits(step, L)[0, -1], sm.model(ids[:1]).logits[0, -1], rtol=1e-4,
+                                   atol=1e-4)
+    with pytest.raises(SortedError, match="out of range"):
+        sm.forward_early(ids, L + 1)
+    with pytest.raises(SortedError, match="out of range"):
+        sm.forward_remainder(torch.zeros(1, 1, 64), 4, 2)

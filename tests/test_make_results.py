@@ -35,10 +35,11 @@ def evaluated(tmp_path_factory, tiny_checkpoint, tokenizer):
         sm.config.mode = mode
         sm.save_pretrained(root / name)
         ck[name] = str(root / name)
-    from sortedllm.inference.draft_layer import DraftLayer
+    from sortedllm.adapters.draft_layer import DraftLayer
 
-    draft = root / "draft_layer.safetensors"  # untrained over the full vocabulary: it drafts exactly as exit 2
-    DraftLayer.from_model(SortedModel.from_pretrained(ck["soft"]), shared=1, layers=1, vocab=None).save(draft)
+    # untrained over the full vocabulary: it drafts exactly as exit 2
+    draft = DraftLayer.from_model(SortedModel.from_pretrained(ck["soft"]), shared=1, layers=1, vocab=None)
+    draft = draft.save_pretrained(root / "draft-layer") / "draft_layer.safetensors"
     results = root / "results"
     runs = {
         "quick-loss": ["--model", ck["soft"], "--compare", f"{ck['sft']},{tiny_checkpoint}", "--names",

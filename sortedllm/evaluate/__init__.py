@@ -61,12 +61,12 @@ def prepare(tasks: list[str], *, limit: int | None = None, data_file: str | None
     return ctx, rows
 
 
-def evaluate(models: dict, tasks: list[str], exits=None, limit: int | None = None, data_file: str | None = None,
-             batch_size: int = 16, max_length: int = 512, *, prepared: tuple | None = None, samples: list | None = None,
-             **options) -> dict:
-    """Run `tasks` on every chosen exit of every model; `samples`, when given, receives every generation."""
-    ctx, rows = prepared or prepare(tasks, limit=limit, data_file=data_file, batch_size=batch_size,
-                                    max_length=max_length, **options)
+def evaluate(models: dict, tasks: list[str], exits=None, *, prepared: tuple | None = None,
+             samples: list | None = None, **options) -> dict:
+    """Run `tasks` on every chosen exit of every model; `samples`, when given, receives every generation.
+    `options` are `prepare`'s (limit, data_file, batch_size, max_length, max_new_tokens, progress and the tasks'
+    own, e.g. judge, pairs, draft_layer), used unless `prepared` (what `prepare` returned) is given."""
+    ctx, rows = prepared or prepare(tasks, **options)
     ctx.models = dict(models)
     ctx.exits = {name: sm.check_exits(exits) for name, sm in models.items()}
     settings = {"limit": ctx.limit, "batch_size": ctx.batch_size, "max_new_tokens": ctx.max_new_tokens,
@@ -104,9 +104,3 @@ def format_table(results: dict) -> str:
             lines.append(f"{k:>4}  " + "  ".join(f"{c:>10.4f}" if isinstance(c, (int, float)) else f"{'-':>10}"
                                                  for c in cells))
     return "\n".join(lines)
-
-
-def main(argv: list[str]) -> int:
-    from .cli import main as cli_main
-
-    return cli_main(argv)

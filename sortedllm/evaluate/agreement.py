@@ -78,12 +78,10 @@ def accepted_tokens(runs: list[list[bool]], max_draft: int = MAX_DRAFT) -> list[
 
 def draft_ids(sm, k: int, draft_vocab: int | None) -> torch.Tensor | None:
     """Token ids the self-speculative draft head of exit k can propose (None: the full head)."""
-    from ..inference.draft_head import restricted_head
+    from ..adapters.vocab import restricted_head
 
-    _, head = sm.exit_norm_head(k)
-    if not draft_vocab or draft_vocab >= head.weight.shape[0]:
-        return None
-    return restricted_head(sm, k, draft_vocab).ids
+    head = restricted_head(sm, k, draft_vocab)
+    return None if head is None else head.ids
 
 
 @torch.no_grad()
@@ -188,7 +186,7 @@ def step_costs(sm, context: list[int], exits: list[int], draft_vocab: int | None
     trained `draft` layer also its ("draft", "layer") and ("feed", "layer") steps (layers 1..s + its own layers) and
     ("verify", s, g)."""
     from ..inference.batch import crop, new_cache
-    from ..inference.draft_head import restricted_head
+    from ..adapters.vocab import restricted_head
 
     arch, L = sm.arch, sm.num_layers
     device = next(sm.model.parameters()).device
@@ -359,7 +357,7 @@ def run(ctx, name: str, rows: list[dict]) -> dict:
             batch_size=ctx.batch_size, rounds=rounds, progress=ctx.progress)
     layers = {}
     if ctx.options.get("draft_layer"):  # a trained draft layer of the first model, measured the same way
-        from ..inference.draft_layer import load_draft_layer
+        from ..adapters.draft_layer import load_draft_layer
 
         model = next(iter(ctx.exits))
         sm = ctx.models[model]

@@ -8,6 +8,7 @@ import json
 from dataclasses import dataclass, field
 
 from ..errors import SortedError
+from ..inference import generate
 
 
 @dataclass
@@ -31,8 +32,6 @@ class EvalContext:
 
     def generate(self, name: str, k: int, prompts: list, max_new_tokens: int, task: str):
         """Greedy generations of model `name` at exit `k` (batched, left-padded, KV cache), cached per request."""
-        from ..inference import generate
-
         key = (name, k, max_new_tokens, json.dumps(prompts, sort_keys=True, default=str))
         if key not in self._cache:
             self._cache[key] = generate(self.models[name], prompts, exit_layer=k, max_new_tokens=max_new_tokens,

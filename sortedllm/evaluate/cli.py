@@ -6,16 +6,17 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from ..checkpoint import atomic_dir, writable_folder
+from ..config import ArgumentParser
 from ..errors import SortedError
+from ..exits import SortedModel
 from . import TASK_NAMES, evaluate, format_table, prepare
-
-OUTPUT_FILES = ("results.json", "report.md")
+from .plots import write_all
+from .report import build
 
 
 def check_output_dir(path: str) -> Path:
     """The folder is replaced as a whole, so it must be new, empty or a previous evaluation's output."""
-    from ..checkpoint import writable_folder
-
     folder = writable_folder(path)
     if folder.exists():
         if not folder.is_dir():
@@ -27,10 +28,6 @@ def check_output_dir(path: str) -> Path:
 
 
 def write_output(folder: Path, results: dict, samples: list) -> None:
-    from ..checkpoint import atomic_dir
-    from .plots import write_all
-    from .report import build
-
     with atomic_dir(folder, manifest=False) as tmp:
         (tmp / "results.json").write_text(json.dumps(results, indent=2) + "\n")
         with open(tmp / "generations.jsonl", "w", encoding="utf-8") as f:
@@ -41,9 +38,6 @@ def write_output(folder: Path, results: dict, samples: list) -> None:
 
 
 def main(argv: list[str]) -> int:
-    from ..config import ArgumentParser
-    from ..exits import SortedModel
-
     p = ArgumentParser(prog="sortedllm evaluate", description="Evaluate every exit (sub-model) of a checkpoint, "
                        "optionally beside other checkpoints: JSON, plots and a Markdown report.")
     p.add_argument("--model", required=True, help="checkpoint folder, hub id, .gguf or alias")

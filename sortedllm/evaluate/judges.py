@@ -22,10 +22,19 @@ from __future__ import annotations
 import json
 import os
 import re
+import sys
 from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
+import torch
+from tqdm.auto import tqdm
+
+from ..config import ArgumentParser
+from ..data import BUILTIN_DIR, data_dir, read_jsonl
 from ..errors import SortedError
+from ..inference.static import left_pad, positions
+from ..models import load_model
 
 LABELS = (0, 1, 2)  # tie, response 1 better, response 2 better
 _SPECIAL = re.compile(r"<unk>|<pad>|<s>|</s>|\[PAD\]|<\|endoftext\|>|\[UNK\]|\[CLS\]|\[MASK\]")
@@ -101,8 +110,6 @@ class HFJudge:
     CANDIDATES = {1: "1", 2: "2", 0: "Tie"}
 
     def __init__(self, spec: str, batch_size: int = 4, max_length: int = 2048, dtype=None):
-        from ..models import load_model
-
         self.name = f"hf:{spec}"
         self.description = f"{spec} prompted with PandaLM's judge format (label token ranked first)"
         try:
@@ -137,11 +144,6 @@ class HFJudge:
         return ids
 
     def __call__(self, items: list[Item], progress: bool = False) -> list[int]:
-        import torch
-        from tqdm.auto import tqdm
-
-        from ..inference.static import left_pad, positions
-
         encoded = [self._encode(it) for it in items]
         order = sorted(range(len(items)), key=lambda i: -len(encoded[i]))
         out = [0] * len(items)
@@ -210,10 +212,6 @@ class OpenAIJudge:
         return parse_verdict(text)
 
     def __call__(self, items: list[Item], progress: bool = False) -> list[int]:
-        from concurrent.futures import ThreadPoolExecutor
-
-        from tqdm.auto import tqdm
-
         with ThreadPoolExecutor(max_workers=self.workers) as pool:
             return list(tqdm(pool.map(self.ask, items), total=len(items), desc="judge", disable=not progress))
 
@@ -255,8 +253,6 @@ def combined_label(points: tuple[float, float, float]) -> int:
 
 def read_annotated(path=None, limit: int | None = None) -> tuple[list[Item], list[int]]:
     """PandaLM's human-labelled pairs and each pair's majority label (0 tie, 1, 2)."""
-    from ..data import BUILTIN_DIR, data_dir, read_jsonl
-
     if path is None:
         path = data_dir() / "pandalm" / "test_annotated.jsonl"
         path = path if path.is_file() else BUILTIN_DIR / "pandalm" / "test_annotated.jsonl"
@@ -304,10 +300,6 @@ def validate(judge, path=None, limit: int | None = None, progress: bool = False)
 
 def main(argv: list[str] | None = None) -> int:
     """`python -m sortedllm.evaluate.judges --judge offline`: a judge's agreement with PandaLM's human labels."""
-    import sys
-
-    from ..config import ArgumentParser
-
     p = ArgumentParser(prog="python -m sortedllm.evaluate.judges", description=main.__doc__)
     p.add_argument("--judge", default="offline")
     p.add_argument("--judge_url")

@@ -22,6 +22,8 @@ from lm_eval.api.registry import model_registry, register_model
 from lm_eval.models.huggingface import HFLM
 
 from ..errors import SortedError
+from ..exits import SortedModel
+from ..export import submodel
 
 PREFIX = "lm_eval:"
 
@@ -47,9 +49,6 @@ class SortedLM(HFLM):
 
     def __init__(self, pretrained=None, exit_layer=None, sorted_model=None, dtype="float32",
                  trust_remote_code=False, **kwargs):
-        from ..exits import SortedModel
-        from ..export import submodel
-
         if sorted_model is None:
             if not pretrained:
                 raise SortedError("lm-eval model 'sortedllm' needs --model_args pretrained=<checkpoint>")

@@ -7,8 +7,8 @@ import math
 import torch
 from tqdm.auto import tqdm
 
-from ..data import encode_example, load_examples
-from ..train.loss import IGNORE_INDEX, exit_cross_entropy, label_positions
+from ..data import default_eval_data, encode_example, load_examples
+from ..exit_loss import IGNORE_INDEX, exit_cross_entropy, label_positions
 
 
 def batches(tokenizer, rows, max_length: int, batch_size: int):
@@ -54,8 +54,6 @@ HEADLINE = ("loss", False)
 
 def default_data(sm) -> str:
     """The held-out split of what the checkpoint was trained on (GSM8K's test split for an untuned model)."""
-    from ..data import default_eval_data
-
     return default_eval_data(sm.config.data or "gsm8k") or "gsm8k:test"
 
 

@@ -5,9 +5,12 @@ tournament matches and the plots, from a results dict alone (so it can be rebuil
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
+from ..checkpoint import atomic_write_text
 from .base import headline
+from .plots import write_all
 
 # Secondary metrics worth a column beside the headline.
 EXTRA_COLUMNS = {"loss": ["perplexity"], "gsm8k": ["answered"], "triviaqa": ["contains"],
@@ -80,7 +83,7 @@ def agreement_section(results: dict, detail: dict) -> list[str]:
                   "|" + "---|" * (g_max + 2)]
         rows = [(k, by_exit[k]) for k in sorted(by_exit, key=int)]
         d = detail.get("draft_layer", {}).get(name)
-        if d:  # a trained draft layer at exit k's cost (inference/draft_layer.py)
+        if d:  # a trained draft layer at exit k's cost (adapters/draft_layer.py)
             rows.append((f"draft layer {d['exit']} ({_fmt(d['top1_agreement'])} agree)", d))
         for label, m in rows:
             sp = m.get("speedup_by_draft_length") or [None] * g_max
@@ -128,11 +131,6 @@ def build(results: dict, plots: dict[str, str]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     """Rebuild plots and report.md in a folder that has results.json."""
-    import sys
-
-    from ..checkpoint import atomic_write_text
-    from .plots import write_all
-
     folder = Path((sys.argv[1:] if argv is None else argv)[0])
     results = json.loads((folder / "results.json").read_text())
     atomic_write_text(folder / "report.md", build(results, write_all(results, folder)))

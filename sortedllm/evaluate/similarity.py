@@ -17,6 +17,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..errors import SortedError
+from ..inference.static import encode_prompts
 from .tournament import load_prompts
 
 HEADLINE = ("kl", False)
@@ -98,8 +99,6 @@ def compare_exits(sm, prompt_ids: list[list[int]], continuations: list[list[int]
 
 
 def run(ctx, name: str, rows: list[dict]) -> dict:
-    from ..inference.static import encode_prompts
-
     n_pos = int(ctx.options.get("positions", POSITIONS))
     prompts = [r["prompt"] for r in rows]
     out = {}

@@ -27,7 +27,7 @@ def exit_statistics(sm, prompts, ee: EarlyExit, max_new_tokens: int = 64, batch_
                     head_cost: float | None = None) -> dict:
     """Per answer token and candidate exit: confidence, screen confidence and agreement with the full model."""
     from .batch import encode_prompts
-    from .draft_head import restricted_head
+    from ..adapters.vocab import restricted_head
     from .generation import generate
 
     L = sm.num_layers

@@ -137,14 +137,14 @@ def confidence(measure: str, logits: torch.Tensor | None = None, hidden: torch.T
 
 @torch.inference_mode()
 def decode_early_exit(sm, batch: Batch, ee: EarlyExit, sampling: Sampling, stats: dict) -> None:
-    from .draft_head import restricted_head
+    from ..adapters.vocab import restricted_head
 
     arch, L = sm.arch, sm.num_layers
     plan = ee.active(L)
     vocab = arch.head.weight.shape[0]
     screens = {}
     if ee.measure == "max_prob" and ee.screen and ee.screen < vocab:
-        screens = {k: restricted_head(sm, k, ee.screen) for k, _ in plan if k < L}
+        screens = {k: head for k, _ in plan if k < L and (head := restricted_head(sm, k, ee.screen)) is not None}
     exit_layers = {r: [] for r in batch.rows}
     pending: list[list] = []  # [depth, hidden [B, n, H]], oldest first; depths never increase
     # The prompt runs through every layer up front (unpadded, see `prefill`): the first token's exit is decided on

@@ -62,7 +62,7 @@ class Speculative:
     def check(self, sm) -> None:
         L = sm.num_layers
         if self.draft_layer is not None:
-            from .draft_layer import DraftLayer, load_draft_layer
+            from ..adapters.draft_layer import DraftLayer, load_draft_layer
 
             if not isinstance(self.draft_layer, DraftLayer):
                 self.draft_layer = load_draft_layer(self.draft_layer, sm)
@@ -83,7 +83,7 @@ class Speculative:
 
 @torch.inference_mode()
 def decode_speculative(sm, batch: Batch, spec: Speculative, sampling: Sampling, stats: dict) -> None:
-    from .draft_head import restricted_head
+    from ..adapters.vocab import restricted_head
 
     arch, L, k, draft = sm.arch, sm.num_layers, spec.draft_exit, spec.draft_layer
     s = draft.shared if draft is not None else k  # layers shared by the draft and the verifier

@@ -23,6 +23,7 @@ import torch
 from ..errors import SortedError
 from ..exits import resolve_exits
 from ..models import ALIASES, DTYPES, Architecture, resolve_folder
+from .chunked import TILE_ELEMENTS
 from .schedules import make_schedule
 
 GiB = 1024**3
@@ -140,8 +141,6 @@ def activation_bytes(counts: Counts, micro_batch: int, seq_len: int, exits_per_s
     hidden state and an fp32 gradient for it (h each); one tile of logits and the fp32 head gradient are shared by
     all exits. No exit's `[tokens x vocab]` logits are ever held.
     """
-    from .chunked import TILE_ELEMENTS
-
     tokens = micro_batch * seq_len
     labelled = tokens * label_fraction
     per_layer = (6 * counts.hidden + 2 * counts.kv_dim + 4 * counts.intermediate) * act_bytes * tokens

@@ -1,6 +1,9 @@
-"""The SoFT / SFT training recipe, top to bottom: load model, exits, data, train, save.
+"""`sortedllm train`: the SoFT / SFT recipe, top to bottom (load model, exits, data, train, save), and the dispatch to
+the other modes' recipes: ICT heads (train/ict.py) and a draft layer (train/draft_layer.py), each with its own config.
 
     sortedllm train --config configs/quickstart.yaml [--mode sft] [--field value ...]
+    sortedllm train --config configs/ict.yaml --base runs/sft/final
+    sortedllm train --config configs/draft.yaml --base runs/quickstart/final
 """
 
 from __future__ import annotations
@@ -9,17 +12,22 @@ import logging
 import os
 from pathlib import Path
 
+from ..adapters import lora
+from ..adapters.vocab import add_draft_vocab, count_vocab
 from ..checkpoint import writable_folder
 from ..config import ScriptArguments, parse_config
 from ..data import default_eval_data, encode_dataset, load_examples
 from ..errors import SortedError
 from ..exits import SortedConfig, SortedModel, resolve_exits
 from ..models import load_model
-from . import ict, lora, resume
+from . import draft_layer, ict, resume
+from .dry_run import dry_run
 from .schedules import make_schedule
 from .trainer import SoFTConfig, SoFTTrainer, trained_exits
 
 log = logging.getLogger("sortedllm")
+
+RECIPES = {"ict": ict.train, "draft": draft_layer.train}  # mode -> recipe; soft and sft: `train` below
 
 
 def train(script: ScriptArguments, args: SoFTConfig) -> Path:
@@ -30,16 +38,17 @@ def train(script: ScriptArguments, args: SoFTConfig) -> Path:
     if launched > 1 and args.world_size == 1:  # e.g. `accelerate launch` of several processes with no GPU
         raise SortedError(f"{launched} processes were launched but they did not join one training run (no GPU "
                           f"found); on CPUs add --use_cpu true to train over gloo")
+    if script.base:
+        raise SortedError(f"--base is for --mode ict or draft (heads or a draft layer on a frozen model); to "
+                          f"fine-tune {script.base} with --mode {args.mode}, pass it as --model")
 
-    # 1. Model and exits (validated against the model before any data is read). ICT: the frozen --base model.
-    source = ict.model_source(script, args)
+    # 1. Model and exits (validated against the model before any data is read).
     checkpoint = resume.find_checkpoint(args.output_dir, script.resume)  # missing/damaged: refused before loading
-    model, tokenizer = load_model(source, dtype=script.dtype, trust_remote_code=args.trust_remote_code)
+    model, tokenizer = load_model(script.model, dtype=script.dtype, trust_remote_code=args.trust_remote_code)
     num_layers = SortedModel(model).num_layers
     exits = resolve_exits(args.exits, num_layers)
-    if trained_exits(args.mode, exits):  # (ICT with only the last exit is refused by its trainer, clearly)
-        make_schedule(args.exit_schedule, trained_exits(args.mode, exits), args.exit_weights)  # fail before the data
-    sorted_config = SortedConfig(exits=exits, num_hidden_layers=num_layers, mode=args.mode, base_model=source,
+    make_schedule(args.exit_schedule, trained_exits(args.mode, exits), args.exit_weights)  # fail before the data
+    sorted_config = SortedConfig(exits=exits, num_hidden_layers=num_layers, mode=args.mode, base_model=script.model,
                                  data=script.data, exit_schedule=args.exit_schedule)
     peft_config = lora.lora_config(script.lora, model)  # None unless --lora
     if peft_config is not None:
@@ -58,19 +67,22 @@ def train(script: ScriptArguments, args: SoFTConfig) -> Path:
 
     # 3. Train: TRL's SFTTrainer with the multi-exit loss.
     model.train()
-    trainer_class = ict.ICTTrainer if args.mode == "ict" else SoFTTrainer
-    trainer = trainer_class(model=model, args=args, train_dataset=train_set, eval_dataset=eval_set,
-                            processing_class=tokenizer, sorted_config=sorted_config, peft_config=peft_config)
+    trainer = SoFTTrainer(model=model, args=args, train_dataset=train_set, eval_dataset=eval_set,
+                          processing_class=tokenizer, sorted_config=sorted_config, peft_config=peft_config)
     resume.train(trainer, checkpoint)  # checks a resumed checkpoint is this run's (model, data order, exits)
 
-    # 4. Save a plain HF model + sorted_config.json (atomically); with --lora only the adapter, with ICT only the heads.
-    model = trainer.model.eval()  # the peft-wrapped model with --lora
+    # 4. Save a plain HF model + sorted_config.json + the draft vocabulary of the training rows (atomically); with
+    # --lora only the adapter.
     final = Path(args.output_dir) / "final"
-    sm = SortedModel(model, tokenizer, config=trainer.sorted_config)
-    sm.exit_heads = getattr(trainer, "exit_heads", None)
+    sm = SortedModel(trainer.model.eval(), tokenizer, config=trainer.sorted_config)  # peft-wrapped with --lora
+    if args.draft_vocab:
+        sm.draft_vocab, sm.draft_vocab_info = count_vocab(tokenizer, sm.model, train_set["input_ids"],
+                                                          args.draft_vocab, script.data)
     # Several processes: the main one writes; under FSDP / DeepSpeed every rank first helps gather the shards.
-    if (trainer.is_fsdp_enabled or trainer.is_deepspeed_enabled) and not sm.exit_heads:
+    if trainer.is_fsdp_enabled or trainer.is_deepspeed_enabled:
         trainer.save_model(str(final))
+        if trainer.is_world_process_zero() and sm.draft_vocab is not None:
+            add_draft_vocab(final, sm.draft_vocab, sm.draft_vocab_info)
     elif trainer.is_world_process_zero():
         sm.save_pretrained(final)
     trainer.accelerator.wait_for_everyone()
@@ -81,15 +93,8 @@ def train(script: ScriptArguments, args: SoFTConfig) -> Path:
 def main(argv: list[str]) -> int:
     script, args = parse_config((ScriptArguments, SoFTConfig), resume.flag_value(argv))
     if script.dry_run:  # the plan only: no weights, no data (train/dry_run.py)
-        from .dry_run import dry_run
-
         dry_run(script, args)
         return 0
-    if args.mode == "draft":  # a draft layer on the frozen --base model: its own short loop (train/draft_layer.py)
-        from .draft_layer import train as train_draft_layer
-
-        final = train_draft_layer(script, args)
-    else:
-        final = train(script, args)
+    final = RECIPES.get(args.mode, train)(script, args)
     print(f"saved {final}")
     return 0

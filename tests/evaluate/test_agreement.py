@@ -97,9 +97,11 @@ def test_draft_head_agreement_uses_restricted_vocab(tokenizer, token, in_subset)
     """With a restricted draft head, a position agrees only if the subset's best token is the last layer's: a
     model that always says "xyz" (not among the 64 most frequent tokens) has full-head agreement 1 but can never
     draft it."""
-    from sortedllm.inference.draft_head import restricted_head
+    from sortedllm.adapters.vocab import restricted_head
+    from tests.inference.conftest import builtin_vocab
 
     sm = SortedModel(constant_model(tokenizer, token), tokenizer, exits=[2, 4])
+    sm.draft_vocab = builtin_vocab(tokenizer, sm.model)[0]
     [tid] = tokenizer(token, add_special_tokens=False)["input_ids"]
     assert (tid in restricted_head(sm, 2, 64).ids.tolist()) == in_subset
     runs = agreement_runs(sm, encode_prompts(sm, ["a?"]), [[tid] * 3], [2, 4], draft_vocab=64)
@@ -183,7 +185,7 @@ def test_draft_layer_measured_as_its_exit(tokenizer, tmp_path):
     (results.json details and report.md)."""
     from sortedllm.evaluate.agreement import draft_layer_runs
     from sortedllm.evaluate.report import build
-    from sortedllm.inference.draft_layer import DraftLayer
+    from sortedllm.adapters.draft_layer import DraftLayer
     from tests.inference.conftest import PROMPTS, draftable
 
     sm = draftable("llama", tokenizer)
@@ -194,7 +196,7 @@ def test_draft_layer_measured_as_its_exit(tokenizer, tmp_path):
     assert draft_layer_runs(sm, draft, prompt_ids, conts) == runs["top1"][3]
     assert 0 < sum(map(sum, runs["top1"][3])) < sum(map(len, runs["top1"][3]))  # neither all nor nothing
 
-    path = draft.save(tmp_path / "draft_layer.safetensors")
+    path = draft.save_pretrained(tmp_path / "draft") / "draft_layer.safetensors"
     res = evaluate({"A": sm}, ["agreement"], exits=[3], limit=4, max_new_tokens=12, progress=False, timing_rounds=1,
                    data_file=None, draft_layer=str(path))
     d = res["details"]["agreement"]["draft_layer"]["A"]

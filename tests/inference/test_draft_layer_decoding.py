@@ -6,7 +6,8 @@ import torch
 
 from sortedllm.errors import SortedError
 from sortedllm.inference import Speculative, generate, summary
-from sortedllm.inference.draft_layer import DraftLayer, load_draft_layer
+from sortedllm import SortedModel
+from sortedllm.adapters.draft_layer import DraftLayer, load_draft_layer
 from tests.inference.conftest import PROMPTS, draftable
 
 
@@ -19,12 +20,12 @@ def perturbed(draft: DraftLayer, scale: float = 0.5, seed: int = 0) -> DraftLaye
     return draft
 
 
-@pytest.mark.parametrize("arch,vocab", [("llama", 8192), ("qwen2", None)])
-def test_greedy_is_identical_to_the_full_model(arch, vocab, tokenizer):
+@pytest.mark.parametrize("arch,restricted", [("llama", True), ("qwen2", False)])
+def test_greedy_is_identical_to_the_full_model(arch, restricted, tokenizer):
     """A draft layer that differs from the model's own layer 3: both accept and reject paths run (prompts of mixed
     lengths, so the prefill merges per-length caches into the draft's slots too) and the text is the full model's."""
     sm = draftable(arch, tokenizer)
-    draft = perturbed(DraftLayer.from_model(sm, shared=2, layers=1, vocab=vocab))
+    draft = perturbed(DraftLayer.from_model(sm, shared=2, layers=1, vocab=sm.draft_vocab if restricted else None))
     ref = [g.token_ids for g in generate(sm, PROMPTS, max_new_tokens=24, batch_size=1)]
     for bs, opts in ((1, {}), (4, dict(draft_tokens=6)), (10, dict(draft_tokens=2, adaptive=False))):
         out = generate(sm, PROMPTS, speculative=Speculative(3, draft_layer=draft, **opts), max_new_tokens=24,
@@ -39,7 +40,7 @@ def test_an_untrained_draft_layer_drafts_exactly_as_its_exit(tokenizer):
     acceptance, rounds and drafts, batched. It only can if its KV slots hold what layer 3's hold after every crop and
     row drop."""
     sm = draftable("llama", tokenizer)
-    draft = DraftLayer.from_model(sm, shared=2, layers=1, vocab=8192)
+    draft = DraftLayer.from_model(sm, shared=2, layers=1, vocab=sm.draft_vocab)
     plain = summary(generate(sm, PROMPTS, speculative=Speculative(3, draft_vocab=8192), max_new_tokens=24,
                              batch_size=4))
     ours = summary(generate(sm, PROMPTS, speculative=Speculative(3, draft_layer=draft), max_new_tokens=24,
@@ -64,13 +65,17 @@ def test_two_draft_layers_and_sampling(tokenizer):
 
 def test_file_round_trip_and_errors(tokenizer, tmp_path):
     sm = draftable("llama", tokenizer)
-    draft = perturbed(DraftLayer.from_model(sm, shared=2, layers=1, vocab=8192))
-    path = draft.save(tmp_path / "draft_layer.safetensors", rows=10)
-    loaded = load_draft_layer(path, sm)
-    assert (loaded.shared, loaded.exit, loaded.head.ids.tolist()) == (2, 3, draft.head.ids.tolist())
-    for a, b in zip(draft.state_dict().values(), loaded.state_dict().values()):
-        assert torch.equal(a, b)
-    by_path = generate(sm, PROMPTS[:3], speculative=Speculative(3, draft_layer=str(path)), max_new_tokens=12)
+    draft = perturbed(DraftLayer.from_model(sm, shared=2, layers=1, vocab=sm.draft_vocab))
+    draft.info = {"rows": 10}
+    folder = draft.save_pretrained(tmp_path / "draft")
+    path = folder / "draft_layer.safetensors"
+    for source in (folder, path):  # the folder, or its weights file alone
+        loaded = load_draft_layer(source, sm)
+        assert (loaded.shared, loaded.exit, loaded.head.ids.tolist()) == (2, 3, draft.head.ids.tolist())
+        assert loaded.info == {"rows": "10"}
+        for a, b in zip(draft.state_dict().values(), loaded.state_dict().values()):
+            assert torch.equal(a, b)
+    by_path = generate(sm, PROMPTS[:3], speculative=Speculative(3, draft_layer=str(folder)), max_new_tokens=12)
     by_module = generate(sm, PROMPTS[:3], speculative=Speculative(3, draft_layer=draft), max_new_tokens=12)
     assert summary(by_path)["accepted"] == summary(by_module)["accepted"]
     assert not list(tmp_path.glob("*.tmp*")) and not list(tmp_path.glob(".*"))
@@ -87,11 +92,15 @@ def test_file_round_trip_and_errors(tokenizer, tmp_path):
     save_file({"x": torch.zeros(1)}, str(tmp_path / "other.safetensors"))
     with pytest.raises(SortedError, match="not a draft layer file"):
         load_draft_layer(tmp_path / "other.safetensors", sm)
-    with pytest.raises(SortedError, match="trained on a 6-layer model, this one has 4"):
-        from tests.conftest import make_tiny
-        from sortedllm import SortedModel
+    from tests.conftest import make_tiny
 
-        load_draft_layer(path, SortedModel(make_tiny("llama", tokenizer, layers=4), tokenizer))
+    shallow = SortedModel(make_tiny("llama", tokenizer, layers=4), tokenizer)
+    lone = tmp_path / "lone.safetensors"  # a file alone records no base: only its shape is checked
+    lone.write_bytes(path.read_bytes())
+    with pytest.raises(SortedError, match="trained on a 6-layer model, this one has 4"):
+        load_draft_layer(lone, shallow)
+    with pytest.raises(SortedError, match="trained on another base model"):
+        load_draft_layer(folder, shallow)
     with pytest.raises(SortedError, match="must end before the last layer"):
         DraftLayer.from_model(sm, shared=5, layers=1)
     with pytest.raises(SortedError, match="sliding-window"):

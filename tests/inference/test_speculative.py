@@ -6,7 +6,7 @@ import torch
 
 from sortedllm.errors import SortedError
 from sortedllm.inference import Speculative, generate, summary
-from sortedllm.inference.draft_head import RestrictedHead, frequent_tokens, restricted_head, token_counts
+from sortedllm.adapters.vocab import RestrictedHead, restricted_head
 from sortedllm.inference.sampling import Sampling
 from tests.inference.conftest import PROMPTS, draftable
 
@@ -162,19 +162,17 @@ def test_sampling_with_restricted_draft_head_and_top_p(tokenizer):
 # Restricted draft head and errors
 
 
-def test_restricted_head(tokenizer, tiny_sorted, tmp_path, monkeypatch):
-    monkeypatch.setenv("SORTEDLLM_CACHE", str(tmp_path))
-    counts = token_counts(tokenizer)
-    assert list((tmp_path / "token_counts").glob("*.json"))  # cached for the next process
-    assert token_counts(tokenizer) == counts
-    ids = frequent_tokens(tokenizer, 1000, always=[tokenizer.eos_token_id])
-    assert len(ids) == 1000 and ids.tolist() == sorted(set(ids.tolist()))
-    assert set(tokenizer.all_special_ids) <= set(ids.tolist())
-    top = max(counts, key=counts.get)
-    assert top in ids.tolist()
+def test_restricted_head(tokenizer, tiny_sorted):
     sm = tiny_sorted
+    assert restricted_head(sm, 2, 1000) is None  # no draft vocabulary: the full head drafts
+    sm.draft_vocab = torch.tensor([7, 3, 900, 5, 11])  # ranked
+    assert restricted_head(sm, 2, 3).ids.tolist() == [3, 7, 900]  # the first 3, sorted
+    assert restricted_head(sm, 2, 100).ids.tolist() == [3, 5, 7, 11, 900]  # all there is
+    sm.draft_vocab = torch.arange(1500).flip(0)
     small = restricted_head(sm, 2, 1000)
     assert restricted_head(sm, 2, 1000) is small  # built once per head
+    assert small.ids.tolist() == list(range(500, 1500))
+    assert restricted_head(sm, 2, 0) is None
     h = torch.randn(3, sm.arch.head.weight.shape[1])
     assert torch.allclose(small(h), sm.arch.head(h)[:, small.ids], atol=1e-5)
     q = torch.softmax(torch.randn(3, len(small.ids)), -1)

@@ -15,7 +15,10 @@ from sortedllm.export import submodel
 from sortedllm.inference.static import encode_prompts, generate
 from sortedllm.models import load_model
 from sortedllm.train import recipe
-from sortedllm.train.ict import HEADS_FILE, ICTTrainer, extra_parameters, paper_extra_parameters
+from sortedllm.adapters import ADAPTER_CONFIG, ICTHeads
+from sortedllm.adapters.ict import HEADS_FILE
+from sortedllm.adapters.vocab import VOCAB_FILE
+from sortedllm.train.ict import ICTTrainer, extra_parameters, paper_extra_parameters
 from sortedllm.train.trainer import SoFTConfig
 
 
@@ -87,11 +90,13 @@ def test_save_load_round_trip_is_exact_and_compact(tiny_checkpoint, tmp_path):
     want = sm.logits_at_exits(ids)
     folder = sm.save_pretrained(tmp_path / "ict")
     names = {p.name for p in folder.iterdir()}
-    assert HEADS_FILE in names and "config.json" not in names and not any(n.startswith("model") for n in names)
+    assert names == {HEADS_FILE, ADAPTER_CONFIG, "sorted_config.json", "manifest.json"}
     extra = extra_parameters(sm.arch.config, sm.exits)  # exits 2, 4: two (norm + vocab x 64 head) copies
     assert 4 * extra < (folder / HEADS_FILE).stat().st_size < 4 * extra + 4096  # the heads and nothing else
     cfg = json.loads((folder / "sorted_config.json").read_text())
     assert cfg["mode"] == "ict" and cfg["base_model"] == str(soft.resolve())
+    adapter = json.loads((folder / ADAPTER_CONFIG).read_text())
+    assert (adapter["type"], adapter["base_model"], adapter["exits"]) == ("ict_heads", str(soft.resolve()), [2, 4])
 
     loaded = SortedModel.from_pretrained(str(folder))
     assert loaded.exits == [2, 4, 6] and sorted(loaded.exit_heads) == [2, 4]
@@ -111,6 +116,8 @@ def test_cli_train_evaluate_generate_export(tiny_checkpoint, tmp_path):
     sm = SortedModel.from_pretrained(str(out / "final"))
     base = SortedModel.from_pretrained(str(tiny_checkpoint), exits=[2, 4, 6])
     assert sm.config.extra["ict"]["base_mode"] == "untuned"
+    assert (out / "final" / VOCAB_FILE).is_file() and sm.draft_vocab_info["data"] == "gsm8k"
+    assert sm.draft_vocab_info["rows"] == 7 and base.draft_vocab is None  # the training rows (1 of 8 is too long)
 
     res = evaluate({"ict": sm, "base": base}, ["loss"], exits="2,6", limit=4)
     assert res["models"]["ict"]["mode"] == "ict"
@@ -163,11 +170,9 @@ def test_extra_parameters_from_config(tiny):
     """The count from a config matches the modules ICT builds; the paper's 13B setting gives its ~1.15B."""
     model, tok = tiny
     sm = SortedModel(model, tok, exits=[2, 4, 6])
-    from sortedllm.train.ict import exit_pairs, new_heads
-
     for train in ("head", "norm"):
-        heads = new_heads(sm.arch, sm.exits, train)
+        heads = ICTHeads.new(sm.arch, sm.exits, train)
         built = sum(p.numel() for p in heads.parameters())
         assert extra_parameters(sm.arch.config, sm.exits, train) == built
-        assert len(exit_pairs(heads, sm.arch)) == 2
+        assert len(heads.pairs(sm.arch)) == 2
     assert round(paper_extra_parameters() / 1e9, 2) == 1.15  # "≈1.15B extra parameters for LLaMA-2 13B"

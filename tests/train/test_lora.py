@@ -11,8 +11,11 @@ from sortedllm.data import encode_dataset, load_examples
 from sortedllm.errors import SortedError
 from sortedllm.evaluate import evaluate
 from sortedllm.inference.static import encode_prompts
+from sortedllm.adapters import ADAPTER_CONFIG, lora
+from sortedllm.adapters.vocab import VOCAB_FILE
 from sortedllm.models import load_model
-from sortedllm.train import lora, recipe
+from sortedllm.train import recipe
+from sortedllm.train.lora import main as merge_main
 from sortedllm.train.trainer import SoFTConfig, SoFTTrainer
 
 
@@ -67,7 +70,7 @@ def test_lora_soft_round_trip_save_load_merge(tiny_checkpoint, tmp_path):
         "--disable_tqdm", "true", "--report_to", "none"]) == 0
     final = out / "final"
     names = {p.name for p in final.iterdir()}
-    assert {"adapter_config.json", "adapter_model.safetensors", "sorted_config.json"} <= names
+    assert {"adapter_config.json", "adapter_model.safetensors", "sorted_config.json", ADAPTER_CONFIG, VOCAB_FILE} <= names
     assert "config.json" not in names and "model.safetensors" not in names
     adapter_bytes = (final / "adapter_model.safetensors").stat().st_size
     assert adapter_bytes < 0.05 * (tiny_checkpoint / "model.safetensors").stat().st_size
@@ -87,10 +90,11 @@ def test_lora_soft_round_trip_save_load_merge(tiny_checkpoint, tmp_path):
     assert all(torch.equal(adapter[k], direct.logits_at_exits(ids)[k]) for k in adapter)
 
     loss_adapter = evaluate({"A": sm}, ["loss"], limit=4)["tasks"]["loss"]["A"]
-    assert lora.main(["--model", str(final), "--out", str(tmp_path / "merged")]) == 0
+    assert merge_main(["--model", str(final), "--out", str(tmp_path / "merged")]) == 0
     merged = SortedModel.from_pretrained(str(tmp_path / "merged"))
     assert not isinstance(merged.model, PeftModel) and (tmp_path / "merged" / "config.json").is_file()
     assert merged.config.extra["lora"]["merged"] is True and merged.exits == [2, 4, 6]
+    assert torch.equal(merged.draft_vocab, sm.draft_vocab)  # the draft vocabulary travels with the model
     got = merged.logits_at_exits(ids)
     for k in adapter:  # merging folds B @ A into W: equal up to float32 rounding
         torch.testing.assert_close(got[k], adapter[k], atol=1e-5, rtol=1e-5)
