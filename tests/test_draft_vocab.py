@@ -54,9 +54,9 @@ def test_inference_tokenises_nothing(tiny_sorted, monkeypatch):
 
     monkeypatch.setattr(vocab, "load_examples", no_data)
     monkeypatch.setattr("sortedllm.data.load_examples", no_data)
-    stats = generate(sm, ["What is 2+3?"], speculative=Speculative(2, draft_vocab=1000), max_new_tokens=6)[0].stats
+    stats = generate(sm, ["What is 2+3?"], strategy=Speculative(2, draft_vocab=1000), max_new_tokens=6)[0].stats
     assert stats["drafted"] > 0
-    generate(sm, ["What is 2+3?"], early_exit=EarlyExit(thresholds={2: 0.0}, screen=1000), max_new_tokens=4)
+    generate(sm, ["What is 2+3?"], strategy=EarlyExit(thresholds={2: 0.0}, screen=1000), max_new_tokens=4)
     assert restricted_head(sm, 2, 1000) is not None
 
 

@@ -18,6 +18,7 @@ import importlib
 
 from ..errors import SortedError
 from ..exits import VERSION
+from ..inference.runtime import DTYPES
 from .base import EvalContext, headline, split_data_option
 
 # task name -> module in this package. `lm_eval:<task>` runs any lm-evaluation-harness task.
@@ -54,6 +55,8 @@ def prepare(tasks: list[str], *, limit: int | None = None, data_file: str | None
                         ("--max_length", max_length)):
         if value is not None and value < 1:
             raise SortedError(f"{flag} must be at least 1 (got {value})")
+    if options.get("dtype", "auto") not in DTYPES:
+        raise SortedError(f"unknown dtype '{options['dtype']}': use {', '.join(DTYPES)}")
     modules = {t: task_module(t) for t in tasks}
     ctx = EvalContext(limit=limit, data=split_data_option(data_file, tasks), batch_size=batch_size,
                       max_length=max_length, max_new_tokens=max_new_tokens, progress=progress, options=options)

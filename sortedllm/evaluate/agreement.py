@@ -6,12 +6,12 @@ at the step costs measured on this machine.
 2. Prompt + answer are teacher-forced once per batch (`SortedModel.hidden_at_exits`); at every generated position
    each exit's top token is compared with the last layer's (the reference is the teacher-forced last layer, so the
    last exit agrees exactly). `top1_agreement` uses the exit's full head; `draft_agreement` the head
-   self-speculation drafts with (`Speculative.draft_vocab`: the most frequent tokens only, see draft_head.py).
+   self-speculation drafts with (`Speculative.draft_vocab`: the model's most frequent tokens, adapters/vocab.py).
 3. Accepted tokens per cycle for draft length g = 1..8, from the actual runs of draft agreement: a cycle starting
    at generated position j accepts min(g, number of consecutive agreeing positions from j); averaged over every
    start position of every answer (no independence assumption: runs of easy tokens count as runs).
-4. Step costs, timed in one run with the measurements alternating (CPU time, median over rounds, batch of one, a
-   real prompt + answer in the cache), exactly the pieces `inference/speculative.py` spends per round of g drafts:
+4. Step costs from the machine's cost table (inference/costs.py: the decode runtime's measured seconds per layer
+   and per head read for n tokens), exactly the pieces `inference/speculative.py` spends per round of g drafts:
    g x `t_draft` (one token through layers 1..k + the draft head), `t_feed` (the last draft through layers 1..k, no
    head) and `t_verify(g)` (g + 1 tokens through layers k+1..L + the full head); a plain step `t_full` is one token
    through all L layers + the full head. Predicted speedup(g) = (accepted(g) + 1) x t_full /
@@ -28,33 +28,33 @@ shared-cache speculation round.
 
 from __future__ import annotations
 
-import statistics
-import time
 from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
 
+from ..adapters.draft_layer import load_draft_layer
+from ..adapters.vocab import restricted_head
 from ..data import load_examples
 from ..errors import SortedError
+from ..inference.batch import encode_prompts
+from ..inference.costs import cost_table
+from ..inference.runtime import Runtime
+from ..inference.speculative import Speculative
 from .similarity import right_pad
 
 HEADLINE = ("top1_agreement", True)
 DEFAULT_DATA = "gsm8k:test"
 MAX_NEW_TOKENS = 256  # as the gsm8k task, so `--tasks gsm8k,agreement` generates the last layer's answers once
 MAX_DRAFT = 8
-ROUNDS = 5  # timed rounds (after one warm-up round)
 ORACLE_AGREEMENT = (1.0, 0.95, 0.9)  # target token agreements the early-exit oracle is priced at
 CHUNK = 512  # positions per head call (a [CHUNK, vocab] logits tile)
 
 
 def prepare(ctx, name: str) -> list[dict]:
-    rounds = ctx.options.get("timing_rounds", ROUNDS)
-    if int(rounds) < 1:
-        raise SortedError(f"timing_rounds must be at least 1 (got {rounds})")
     layer = ctx.options.get("draft_layer")
-    if layer and not Path(layer).is_file():
-        raise SortedError(f"draft layer file not found: {layer}")
+    if layer and not Path(layer).exists():
+        raise SortedError(f"draft layer not found: {layer}")
     rows = load_examples(ctx.data.get(name, DEFAULT_DATA), limit=ctx.limit)
     if not rows:
         raise SortedError(f"the agreement task's data ({ctx.data.get(name, DEFAULT_DATA)}) has no prompts")
@@ -78,8 +78,6 @@ def accepted_tokens(runs: list[list[bool]], max_draft: int = MAX_DRAFT) -> list[
 
 def draft_ids(sm, k: int, draft_vocab: int | None) -> torch.Tensor | None:
     """Token ids the self-speculative draft head of exit k can propose (None: the full head)."""
-    from ..adapters.vocab import restricted_head
-
     head = restricted_head(sm, k, draft_vocab)
     return None if head is None else head.ids
 
@@ -158,11 +156,11 @@ def draft_layer_runs(sm, draft, prompt_ids: list[list[int]], continuations: list
     return runs
 
 
-def measure_draft_layer(sm, draft, prompt_ids, continuations, rounds: int = ROUNDS, progress: bool = False) -> dict:
+def measure_draft_layer(sm, draft, prompt_ids, continuations, dtype: str = "auto", progress: bool = False) -> dict:
     """The agreement task's metrics for a trained draft layer (inference/draft_layer.py), priced as its
     self-speculation round costs: g x (layers 1..s + its own + its head) + a feed + verify(g) on layers s+1..L."""
     runs = draft_layer_runs(sm, draft, prompt_ids, continuations, progress)
-    cost = step_costs(sm, typical_context(prompt_ids, continuations), [], rounds=rounds, draft=draft)
+    cost = step_costs(sm, [], draft=draft, dtype=dtype)
     accepted = accepted_tokens(runs)
     t_verify = [cost[("verify", draft.shared, g)] for g in range(1, MAX_DRAFT + 1)]
     sp = speedups(accepted, cost[("full",)], cost[("draft", "layer")], cost[("feed", "layer")], t_verify)
@@ -176,91 +174,31 @@ def measure_draft_layer(sm, draft, prompt_ids, continuations, rounds: int = ROUN
             "t_full_ms": 1e3 * cost[("full",)], "t_verify_ms_by_draft_length": [1e3 * t for t in t_verify]}
 
 
-@torch.inference_mode()
-def step_costs(sm, context: list[int], exits: list[int], draft_vocab: int | None = None, max_draft: int = MAX_DRAFT,
-               rounds: int = ROUNDS, draft=None) -> dict:
-    """CPU seconds (median over `rounds`, after a warm-up) of the pieces of a self-speculative round at each draft
-    exit and of a plain full-model step, for one sequence whose cache holds `context`. Every measurement adds its
-    tokens to the cache and crops them again, so all run at the same context length; the measurements alternate
-    (each exit's group starts with a plain step) so load changes on a shared machine hit all of them alike. With a
-    trained `draft` layer also its ("draft", "layer") and ("feed", "layer") steps (layers 1..s + its own layers) and
-    ("verify", s, g)."""
-    from ..inference.batch import crop, new_cache
-    from ..adapters.vocab import restricted_head
-
-    arch, L = sm.arch, sm.num_layers
-    device = next(sm.model.parameters()).device
-    ids = torch.tensor([context], device=device)
-    n = ids.shape[1]
-    cache = new_cache(sm, rollback=True)
-    s = draft.shared if draft is not None else L
-    h = arch.run_layers(arch.embed(ids), 0, s, attention_mask=torch.ones_like(ids), cache=cache)
-    arch.run_layers(h, s, L, attention_mask=torch.ones_like(ids), cache=cache)
-    if draft is not None:
-        draft.hidden(arch, h, attention_mask=torch.ones_like(ids), cache=cache)
-    token = ids[:, -1:]
-    norm_l, head_l = sm.exit_norm_head(L)
-
-    def piece(start: int, end: int, width: int, head=None, norm=None):
-        """One timed piece: `width` tokens through layers start..end-1 (+ a head), then cropped again. Layer inputs
-        past the embedding are stand-in states (the context's last embeddings): cost does not depend on values."""
-        x = arch.embed(ids[:, -width:])
-        mask = torch.ones(1, n + width, dtype=torch.long, device=device)
-        pos = torch.arange(n, n + width, device=device).unsqueeze(0)
-
-        def step():
-            h = arch.run_layers(arch.embed(token) if start == 0 else x, start, end, attention_mask=mask,
-                                position_ids=pos, cache=cache)
-            if head is not None:
-                arch.logits(h, norm=norm, head=head).argmax(-1)
-            crop(cache, width, start, end)
-        return step
-
-    def draft_piece(with_head: bool):
-        """One token through layers 1..s and the draft layer's own (+ its head), then cropped from both."""
-        mask = torch.ones(1, n + 1, dtype=torch.long, device=device)
-        pos = torch.tensor([[n]], device=device)
-
-        def step():
-            h = arch.run_layers(arch.embed(token), 0, s, attention_mask=mask, position_ids=pos, cache=cache)
-            d = draft.hidden(arch, h, attention_mask=mask, position_ids=pos, cache=cache)
-            if with_head:
-                draft.logits(arch, d).argmax(-1)
-            crop(cache, 1, 0, s)
-            crop(cache, 1, draft.slots[0], None)
-        return step
-
-    ops = {("full",): piece(0, L, 1, head_l, norm_l)}
+def step_costs(sm, exits: list[int], draft_vocab: int | None = None, draft=None, dtype: str = "auto") -> dict:
+    """Seconds of the pieces of a self-speculative round at each draft exit and of a plain full-model step (module
+    doc, step 4), from the decode runtime's cost table. With a trained `draft` layer also its ("draft", "layer") and
+    ("feed", "layer") steps (layers 1..s + its own layers) and ("verify", s, g)."""
+    rt = Runtime.of(sm, dtype)
+    L = sm.num_layers
+    vocab = sm.draft_vocab[:draft_vocab] if draft_vocab and sm.draft_vocab is not None else None
+    costs = cost_table(rt, vocab)
+    subset = vocab is not None
+    out = {("full",): costs.step(L, 1)}
     for k in exits:
         if k >= L:
             continue
-        norm_k, head_k = sm.exit_norm_head(k)
-        small = draft_ids(sm, k, draft_vocab) is not None
-        ops[("draft", k)] = piece(0, k, 1, restricted_head(sm, k, draft_vocab) if small else head_k, norm_k)
-        ops[("feed", k)] = piece(0, k, 1)
-        ops[("exit", k)] = piece(0, k, 1, head_k, norm_k)
-        for g in range(1, max_draft + 1):
-            ops[("verify", k, g)] = piece(k, L, g + 1, head_l, norm_l)
-    order = []
-    for k in exits:
-        if k < L:
-            order += [("full",), ("draft", k), ("feed", k), ("exit", k)] + [("verify", k, g)
-                                                                             for g in range(1, max_draft + 1)]
+        out[("draft", k)] = costs.forward(k, 1) + costs.read(1, subset=subset)
+        out[("feed", k)] = costs.forward(k, 1)
+        out[("exit", k)] = costs.forward(k, 1) + costs.read(1)
+        for g in range(1, MAX_DRAFT + 1):
+            out[("verify", k, g)] = costs.forward(L - k, g + 1) + costs.read(g + 1)
     if draft is not None:
-        ops[("draft", "layer")], ops[("feed", "layer")] = draft_piece(True), draft_piece(False)
-        order += [("full",), ("draft", "layer"), ("feed", "layer")]
-        for g in range(1, max_draft + 1):
-            ops[("verify", s, g)] = piece(s, L, g + 1, head_l, norm_l)
-            order.append(("verify", s, g))
-    order = order or [("full",)]
-    times: dict = {key: [] for key in ops}
-    for r in range(rounds + 1):
-        for key in order[r % len(order):] + order[:r % len(order)]:  # rotate the order every round
-            t0 = time.process_time()
-            ops[key]()
-            if r:  # round 0 warms up
-                times[key].append(time.process_time() - t0)
-    return {key: statistics.median(v) for key, v in times.items()}
+        s, own = draft.shared, len(draft.layers)
+        out[("feed", "layer")] = costs.forward(s + own, 1)
+        out[("draft", "layer")] = out[("feed", "layer")] + costs.read(1, subset=True)
+        for g in range(1, MAX_DRAFT + 1):
+            out[("verify", s, g)] = costs.forward(L - s, g + 1) + costs.read(g + 1)
+    return out
 
 
 def typical_context(prompt_ids: list[list[int]], continuations: list[list[int]]) -> list[int]:
@@ -305,14 +243,14 @@ def oracle_early_exit(top1: dict[int, list[list[bool]]], exit_ms: dict[int, floa
 
 
 def measure_model(sm, prompt_ids: list[list[int]], continuations: list[list[int]], exits: list[int], *,
-                  draft_vocab: int | None, batch_size: int, rounds: int,
+                  draft_vocab: int | None, batch_size: int, dtype: str = "auto",
                   progress: bool = False) -> tuple[dict, dict, list[dict]]:
     """Per-exit metrics ({exit: {...}}), the model's timing details and its early-exit oracle rows."""
     L = sm.num_layers
     runs = agreement_runs(sm, prompt_ids, continuations, exits, draft_vocab=draft_vocab, batch_size=batch_size,
                           progress=progress)
     context = typical_context(prompt_ids, continuations)
-    cost = step_costs(sm, context, exits, draft_vocab=draft_vocab, rounds=rounds)
+    cost = step_costs(sm, exits, draft_vocab=draft_vocab, dtype=dtype)
     t_full = cost[("full",)]
     out = {}
     for k in exits:
@@ -333,18 +271,15 @@ def measure_model(sm, prompt_ids: list[list[int]], continuations: list[list[int]
         else:  # the last layer verifies; it is no draft
             m.update(speedup_by_draft_length=None, best_draft_length=None, best_speedup=None)
         out[k] = m
-    timing = {"t_full_ms": 1e3 * t_full, "context_tokens": len(context), "rounds": rounds,
+    timing = {"t_full_ms": 1e3 * t_full, "context_tokens": len(context), "rounds": None,
               "teacher_forced_matches_generation": runs["greedy"]}
     exit_ms = {k: 1e3 * cost[("exit", k)] for k in exits if k < L} | {L: 1e3 * t_full}
     return out, timing, oracle_early_exit(runs["top1"], exit_ms)
 
 
 def run(ctx, name: str, rows: list[dict]) -> dict:
-    from ..inference.speculative import Speculative
-    from ..inference.static import encode_prompts
-
     n_new = ctx.new_tokens(MAX_NEW_TOKENS)
-    rounds = int(ctx.options.get("timing_rounds", ROUNDS))
+    dtype = ctx.options.get("dtype", "auto")
     draft_vocab = ctx.options.get("draft_vocab", Speculative.draft_vocab)
     prompts = [r["prompt"] for r in rows]
     out, timing, oracle = {}, {}, {}
@@ -354,21 +289,19 @@ def run(ctx, name: str, rows: list[dict]) -> dict:
         ctx.record(name, model, sm.num_layers, rows, gens)
         out[model], timing[model], oracle[model] = measure_model(
             sm, encode_prompts(sm, prompts), [g.token_ids for g in gens], exits, draft_vocab=draft_vocab,
-            batch_size=ctx.batch_size, rounds=rounds, progress=ctx.progress)
+            batch_size=ctx.batch_size, dtype=dtype, progress=ctx.progress)
     layers = {}
     if ctx.options.get("draft_layer"):  # a trained draft layer of the first model, measured the same way
-        from ..adapters.draft_layer import load_draft_layer
-
         model = next(iter(ctx.exits))
         sm = ctx.models[model]
         gens = ctx.generate(model, sm.num_layers, prompts, n_new, name)
         draft = load_draft_layer(ctx.options["draft_layer"], sm)
         layers[model] = {"file": str(ctx.options["draft_layer"]), **measure_draft_layer(
-            sm, draft, encode_prompts(sm, prompts), [g.token_ids for g in gens], rounds, ctx.progress)}
+            sm, draft, encode_prompts(sm, prompts), [g.token_ids for g in gens], dtype, ctx.progress)}
     ctx.details[name] = {"data": ctx.data.get(name, DEFAULT_DATA), "n_prompts": len(rows), "max_new_tokens": n_new,
                          "draft_layer": layers,
                          "draft_lengths": list(range(1, MAX_DRAFT + 1)), "draft_vocab": draft_vocab,
                          "reference": "last layer of the same model, teacher-forced on its own greedy answers",
-                         "clock": "CPU time (time.process_time), median over rounds, batch of one",
+                         "clock": "the decode runtime's cost table (inference/costs.py), batch of one",
                          "torch_threads": torch.get_num_threads(), "timing": timing, "oracle_early_exit": oracle}
     return out

@@ -8,7 +8,7 @@ import json
 from dataclasses import dataclass, field
 
 from ..errors import SortedError
-from ..inference import generate
+from ..inference import GenerationOptions, Static, generate
 
 
 @dataclass
@@ -34,9 +34,9 @@ class EvalContext:
         """Greedy generations of model `name` at exit `k` (batched, left-padded, KV cache), cached per request."""
         key = (name, k, max_new_tokens, json.dumps(prompts, sort_keys=True, default=str))
         if key not in self._cache:
-            self._cache[key] = generate(self.models[name], prompts, exit_layer=k, max_new_tokens=max_new_tokens,
-                                        batch_size=self.batch_size, progress=self.progress,
-                                        desc=f"{task} {name} exit {k}")
+            self._cache[key] = generate(self.models[name], prompts, Static(k), GenerationOptions(
+                max_new_tokens=max_new_tokens, batch_size=self.batch_size, dtype=self.options.get("dtype", "auto"),
+                progress=self.progress, desc=f"{task} {name} exit {k}"))
         return self._cache[key]
 
     def scored(self, task: str, rows: list, max_new_tokens: int, score) -> dict:

@@ -63,6 +63,9 @@ def main(argv: list[str]) -> int:
     p.add_argument("--lm_eval_include", help="folder of extra lm-eval task YAMLs for lm_eval:<task>")
     p.add_argument("--draft_layer", metavar="FILE", help="agreement task: also measure this trained draft layer "
                    "(from `sortedllm train --mode draft`) of --model")
+    p.add_argument("--dtype", default="auto", help="weights dtype generation runs with: auto (bfloat16 where the CPU "
+                   "has bfloat16 instructions, else float32), bfloat16 or float32; the loss task reads the model as "
+                   "loaded (float32)")
     p.add_argument("--no_progress", action="store_true", help="no progress bars")
     p.add_argument("--trust_remote_code", action="store_true")
     a = p.parse_args(argv)
@@ -78,7 +81,7 @@ def main(argv: list[str]) -> int:
                        judge=a.judge, judge_url=a.judge_url, judge_batch_size=a.judge_batch_size,
                        judge_dtype=a.judge_dtype,
                        validate_judge=a.validate_judge, pairs=a.pairs, positions=a.positions,
-                       lm_eval_include=a.lm_eval_include, draft_layer=a.draft_layer)
+                       lm_eval_include=a.lm_eval_include, draft_layer=a.draft_layer, dtype=a.dtype)
     models = {n: SortedModel.from_pretrained(s, trust_remote_code=a.trust_remote_code) for n, s in zip(names, specs)}
     samples: list = []
     results = evaluate(models, tasks, exits=a.exits, prepared=prepared, samples=samples)

@@ -33,7 +33,7 @@ from tqdm.auto import tqdm
 from ..config import ArgumentParser
 from ..data import BUILTIN_DIR, data_dir, read_jsonl
 from ..errors import SortedError
-from ..inference.static import left_pad, positions
+from ..inference.batch import left_pad, positions
 from ..models import load_model
 
 LABELS = (0, 1, 2)  # tie, response 1 better, response 2 better
@@ -155,7 +155,7 @@ class HFJudge:
             idx = order[start:start + self.batch_size]
             ids, mask = left_pad([encoded[i] for i in idx], pad, device)
             with torch.no_grad():
-                logits = self.model(input_ids=ids, attention_mask=mask, position_ids=positions(mask),
+                logits = self.model(input_ids=ids, attention_mask=mask.long(), position_ids=positions(mask),
                                     logits_to_keep=1).logits[:, -1]
             best = logits[:, cand].argmax(-1).tolist()
             for i, b in zip(idx, best):

@@ -17,7 +17,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..errors import SortedError
-from ..inference.static import encode_prompts
+from ..inference.batch import encode_prompts
 from .tournament import load_prompts
 
 HEADLINE = ("kl", False)

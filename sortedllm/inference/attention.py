@@ -21,10 +21,12 @@ from transformers import AttentionInterface
 NAME = "sortedllm"
 
 
-def attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, sliding_window=None,
-              softcap=None, exact=True, **kwargs):
+def attention(module, query, key, value, attention_mask, scaling=None, **kwargs):
     """query [B, H, n, D] (the last n columns of key/value [B, Hkv, T, D]); `attention_mask` [B, T] bool (True =
-    a real column) or None. Returns ([B, n, H, D], None) as transformers' attention functions do."""
+    a real column) or None. From the layer's kwargs: `sliding_window`, `softcap`, and `exact` (False for prefill).
+    Returns ([B, n, H, D], None) as transformers' attention functions do."""
+    sliding_window, softcap = kwargs.get("sliding_window"), kwargs.get("softcap")
+    exact = kwargs.get("exact", True)
     B, H, n, D = query.shape
     if scaling is None:
         scaling = D ** -0.5

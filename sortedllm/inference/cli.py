@@ -5,6 +5,7 @@
     sortedllm generate --model M --prompts_file prompts.txt --speculative 9 --jsonl     # exact, drafted by exit 9
     sortedllm generate --model M --prompt "..." --speculative 9 --draft_layer D/draft_layer.safetensors  # trained
     sortedllm generate --model M --prompt "..." --early-exit [--calibrate gsm8k]        # per-token exit
+    sortedllm generate --model M --prompt "..." --dtype float32                          # float32 weights
 """
 
 from __future__ import annotations
@@ -13,14 +14,24 @@ import json
 import sys
 from pathlib import Path
 
+import torch
+
+from ..checkpoint import writable_folder
+from ..config import ArgumentParser
+from ..data import from_row, load_examples, read_jsonl
 from ..errors import SortedError
+from ..exits import SortedModel
+from ..models import DEFAULT_MODEL
+from .calibrate import Calibration, calibrate
+from .early_exit import EarlyExit
+from .generate import GenerationOptions, generate, summary
+from .speculative import Speculative
+from .static import Static
 
 
 def read_prompts(path: str) -> list:
     """Prompts from a file: JSONL rows (`prompt` text or messages, or any row shape the data loader knows) or
     plain text with one prompt per line."""
-    from ..data import read_jsonl
-
     p = Path(path)
     if not p.is_file():
         raise SortedError(f"prompts file not found: {path}")
@@ -40,8 +51,6 @@ def read_prompts(path: str) -> list:
 def _row_prompt(row: dict):
     """The prompt of one JSONL row: `prompt` (text or messages), `messages` (a conversation to continue: a final
     assistant turn is dropped, the reply is what we generate), or any row shape the data loader knows."""
-    from ..data import from_row
-
     where = row.get("_where", "row")
     msgs = row.get("messages")
     if "prompt" in row:
@@ -69,9 +78,6 @@ def parse_thresholds(text: str) -> dict[int, float]:
 
 
 def build_parser():
-    from ..config import ArgumentParser
-    from ..models import DEFAULT_MODEL
-
     p = ArgumentParser(prog="sortedllm generate", description="Generate with a static exit, self-speculative "
                        "decoding or confidence early exit. Text on stdout, tokens/s on stderr.")
     p.add_argument("--model", default=DEFAULT_MODEL, help="checkpoint folder, hub id, .gguf or alias")
@@ -109,70 +115,22 @@ def build_parser():
     e.add_argument("--target_speedup", type=float)
     e.add_argument("--save_thresholds", help="write the thresholds used to this JSON file")
     p.add_argument("--jsonl", action="store_true", help="one JSON object per prompt on stdout")
-    p.add_argument("--dtype", default="float32")
+    p.add_argument("--dtype", default="auto", help="auto (bfloat16 where the CPU has bfloat16 instructions, else "
+                   "float32), bfloat16 or float32: the weights decoding runs with")
     p.add_argument("--threads", type=int, help="torch CPU threads (one is often fastest on a busy machine)")
     p.add_argument("--trust_remote_code", action="store_true")
     return p
 
 
 def main(argv: list[str]) -> int:
-    from ..exits import SortedModel
-    from . import EarlyExit, Speculative, calibrate, generate, summary
-
     a = build_parser().parse_args(argv)
-    prompts = list(a.prompt) + (read_prompts(a.prompts_file) if a.prompts_file else [])
-    if not prompts:
-        raise SortedError("no prompt given: pass --prompt TEXT or --prompts_file FILE")
-    early_only = [f for f, v in (("--calibrate", a.calibrate), ("--thresholds", a.thresholds),
-                                 ("--save_thresholds", a.save_thresholds)) if v]
-    if early_only and not a.early_exit:
-        raise SortedError(f"{early_only[0]} needs --early-exit")
-    if a.draft_layer and a.speculative is None:
-        raise SortedError("--draft_layer needs --speculative K (K = the draft layer's exit)")
-    for flag, value, least in (("--max_new_tokens", a.max_new_tokens, 0), ("--batch_size", a.batch_size, 1)):
-        if value < least:  # checked before the model loads
-            raise SortedError(f"{flag} must be at least {least} (got {value})")
-    if a.save_thresholds:
-        from ..checkpoint import writable_folder
-
-        writable_folder(Path(a.save_thresholds).expanduser().absolute().parent, "--save_thresholds")
+    prompts = check_arguments(a)
     if a.threads:
-        import torch
-
         torch.set_num_threads(a.threads)
     sm = SortedModel.from_pretrained(a.model, dtype=a.dtype, trust_remote_code=a.trust_remote_code)
-    kwargs = {}
-    if a.speculative is not None:
-        kwargs["speculative"] = Speculative(a.speculative, draft_tokens=a.draft_tokens,
-                                            max_draft_tokens=max(a.max_draft_tokens, a.draft_tokens),
-                                            adaptive=not a.fixed_draft, draft_vocab=a.draft_vocab or None,
-                                            draft_confidence=a.draft_confidence, draft_layer=a.draft_layer)
-    elif a.early_exit:
-        screen = a.screen or None
-        if a.calibrate:
-            from ..data import load_examples
-
-            rows = load_examples(a.calibrate, a.calibrate_limit)
-            ee = calibrate(sm, [r["prompt"] for r in rows], target_agreement=a.target_agreement,
-                           target_speedup=a.target_speedup, exits=a.exits, measure=a.measure, screen=screen,
-                           batch_size=a.batch_size)
-            c = ee.calibration
-            print(f"calibrated on {c['prompts']} prompts ({c['tokens']} tokens): agreement {c['agreement']:.1%}, "
-                  f"estimated speedup {c['estimated_speedup']:.2f}x; thresholds "
-                  + ",".join(f"{k}:{v:g}" for k, v in ee.thresholds.items()), file=sys.stderr)
-        elif a.thresholds and Path(a.thresholds).suffix == ".json":
-            ee = EarlyExit.load(a.thresholds)
-        else:
-            ee = EarlyExit(exits=a.exits, measure=a.measure, screen=screen,
-                           thresholds=parse_thresholds(a.thresholds) if a.thresholds else {})
-        ee.check(sm)
-        if a.save_thresholds:
-            ee.save(a.save_thresholds)
-        kwargs["early_exit"] = ee
-    elif a.exit_layer is not None:
-        kwargs["exit_layer"] = a.exit_layer
-    gens = generate(sm, prompts, max_new_tokens=a.max_new_tokens, batch_size=a.batch_size,
-                    temperature=a.temperature, top_p=a.top_p, top_k=a.top_k, seed=a.seed, **kwargs)
+    gens = generate(sm, prompts, strategy_of(sm, a), GenerationOptions(
+        max_new_tokens=a.max_new_tokens, batch_size=a.batch_size, temperature=a.temperature, top_p=a.top_p,
+        top_k=a.top_k, seed=a.seed, dtype=a.dtype))
     for i, (prompt, g) in enumerate(zip(prompts, gens)):
         if a.jsonl:
             row = {"prompt": prompt, "text": g.text, "new_tokens": len(g.token_ids), "finish_reason": g.finish_reason}
@@ -190,3 +148,54 @@ def main(argv: list[str]) -> int:
     print(f"{s['new_tokens']} tokens in {s['seconds']:.2f} s: {s['tokens_per_s']:.1f} tokens/s{extra}",
           file=sys.stderr)
     return 0
+
+
+def check_arguments(a) -> list:
+    """The prompts, after every check that needs no model (so bad input fails before loading)."""
+    prompts = list(a.prompt) + (read_prompts(a.prompts_file) if a.prompts_file else [])
+    if not prompts:
+        raise SortedError("no prompt given: pass --prompt TEXT or --prompts_file FILE")
+    early_only = [f for f, v in (("--calibrate", a.calibrate), ("--thresholds", a.thresholds),
+                                 ("--save_thresholds", a.save_thresholds)) if v]
+    if early_only and not a.early_exit:
+        raise SortedError(f"{early_only[0]} needs --early-exit")
+    if a.draft_layer and a.speculative is None:
+        raise SortedError("--draft_layer needs --speculative K (K = the draft layer's exit)")
+    for flag, value, least in (("--max_new_tokens", a.max_new_tokens, 0), ("--batch_size", a.batch_size, 1)):
+        if value < least:
+            raise SortedError(f"{flag} must be at least {least} (got {value})")
+    if a.dtype not in ("auto", "bfloat16", "float32"):
+        raise SortedError(f"unknown dtype '{a.dtype}': use auto, bfloat16 or float32")
+    if a.save_thresholds:
+        writable_folder(Path(a.save_thresholds).expanduser().absolute().parent, "--save_thresholds")
+    return prompts
+
+
+def strategy_of(sm, a):
+    """The decoding strategy the flags ask for (calibrating early-exit thresholds first if asked)."""
+    if a.speculative is not None:
+        return Speculative(a.speculative, draft_tokens=a.draft_tokens,
+                           max_draft_tokens=max(a.max_draft_tokens, a.draft_tokens), adaptive=not a.fixed_draft,
+                           draft_vocab=a.draft_vocab or None, draft_confidence=a.draft_confidence,
+                           draft_layer=a.draft_layer)
+    if not a.early_exit:
+        return Static(a.exit_layer)
+    screen = a.screen or None
+    if a.calibrate:
+        rows = load_examples(a.calibrate, a.calibrate_limit)
+        ee = calibrate(sm, [r["prompt"] for r in rows], Calibration(
+            target_agreement=a.target_agreement, target_speedup=a.target_speedup, exits=a.exits, measure=a.measure,
+            screen=screen, batch_size=a.batch_size, dtype=a.dtype))
+        c = ee.calibration
+        print(f"calibrated on {c['prompts']} prompts ({c['tokens']} tokens): agreement {c['agreement']:.1%}, "
+              f"estimated speedup {c['estimated_speedup']:.2f}x; thresholds "
+              + ",".join(f"{k}:{v:g}" for k, v in ee.thresholds.items()), file=sys.stderr)
+    elif a.thresholds and Path(a.thresholds).suffix == ".json":
+        ee = EarlyExit.load(a.thresholds)
+    else:
+        ee = EarlyExit(exits=a.exits, measure=a.measure, screen=screen,
+                       thresholds=parse_thresholds(a.thresholds) if a.thresholds else {})
+    ee.check(sm)
+    if a.save_thresholds:
+        ee.save(a.save_thresholds)
+    return ee

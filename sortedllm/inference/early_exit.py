@@ -2,26 +2,25 @@
 confidence passes that exit's threshold; the last layer always accepts.
 
 KV policy for the layers a token skips (lazy, exact; EE-LLM's "KV recomputation", SkipDecode's deferred
-computation): a token that exits at layer e has KV entries in layers 1..e only. Its layer-e hidden state is kept
-as *pending*. The next token that goes deeper than e carries the pending tokens with it: layers e+1.. run on
-[pending..., current] in one forward, which writes the missing KV entries exactly as the full model would have
-(same weights, same inputs, same earlier cache). So every KV entry any token ever reads equals the full model's
-entry for that token sequence; skipping changes which token is chosen, never the state it is chosen from. It
-costs no extra weight reads on a memory-bound machine: the pending tokens ride along in a forward that runs
-anyway. Pending tokens form groups by depth; a later group is never deeper than an earlier one, so the groups are
-a stack that is merged from the top as the current token climbs. Anything still pending when a reply ends is
-never computed.
+computation): a token that exits at layer e has KV entries in layers 1..e only. Its layer-e hidden state is kept as
+*pending*. The next token that goes deeper than e carries the pending tokens with it: layers e+1.. run on
+[pending..., current] in one forward, which writes the missing KV entries exactly as the full model would (same
+weights, same inputs, same earlier cache, and the runtime computes each token's numbers as a one-token step does).
+So every KV entry any token ever reads equals the full model's entry for that token sequence; skipping changes which
+token is chosen, never the state it is chosen from. In bfloat16 on this kind of CPU a forward of a few tokens costs
+about one, so pending tokens ride along nearly free. Pending tokens form groups by depth; a later group is never
+deeper than an earlier one, so the groups are a stack merged from the top as the current token climbs. Anything
+still pending when a reply ends is never computed.
 
-Confidence measures (higher = more confident): `max_prob` (softmax top probability, the paper's), `margin`
-(top-1 minus top-2 probability), `entropy` (1 - H(p)/log V) and `saturation` (cosine similarity between the hidden
-states at this exit and the previous one, CALM's hidden-state saturation; needs no head until it passes).
-With `max_prob`, checks are screened with the head restricted to the most frequent tokens: their top probability
-over the subset is an upper bound on the full one whenever the full argmax is in the subset, so the full head
-runs only where the threshold can be met (a missed exit only sends the token deeper, never changes its choice).
+Confidence measures (higher = more confident): `max_prob` (softmax top probability, the paper's), `margin` (top-1
+minus top-2 probability), `entropy` (1 - H(p)/log V) and `saturation` (cosine similarity between the hidden states
+at this exit and the previous one, CALM's hidden-state saturation; needs no head until it passes). With `max_prob`,
+checks are screened with the head restricted to the model's draft vocabulary: the top probability over the subset
+is an upper bound on the full one whenever the full argmax is in the subset, so the full head runs only where the
+threshold can be met (a missed exit only sends the token deeper, never changes its choice).
 
-Batches: every row picks its token at its own first passing exit; the batch keeps climbing until its slowest row
-has exited (rows that exited ride along, which costs nothing extra per weight read and gives their skipped layers
-exact KV without waiting).
+Batches: every row picks its token at its own first passing exit; the batch keeps climbing until its slowest row has
+exited (rows that exited ride along, which gives their skipped layers exact KV without waiting).
 """
 
 from __future__ import annotations
@@ -32,8 +31,9 @@ from pathlib import Path
 
 import torch
 
+from ..checkpoint import atomic_write_text
 from ..errors import SortedError
-from .batch import Batch, positions, prefill
+from .batch import Batch, prefill
 from .sampling import Sampling
 
 MEASURES = ("max_prob", "margin", "entropy", "saturation")
@@ -54,6 +54,23 @@ def paper_threshold(k: int, num_layers: int) -> float:
     return PAPER_THRESHOLDS[-1][1]
 
 
+def confidence(measure: str, logits: torch.Tensor | None = None, hidden: torch.Tensor | None = None,
+               previous: torch.Tensor | None = None) -> torch.Tensor:
+    """Confidence per row (higher = more confident) from logits [N, V] or, for saturation, hidden states [N, H]."""
+    if measure == "saturation":
+        return torch.nn.functional.cosine_similarity(hidden.float(), previous.float(), dim=-1)
+    p = logits.float().softmax(-1)
+    if measure == "max_prob":
+        return p.max(-1).values
+    if measure == "margin":
+        top = p.topk(2, dim=-1).values
+        return top[:, 0] - top[:, 1]
+    if measure == "entropy":
+        ent = -(p * p.clamp(min=1e-30).log()).sum(-1)
+        return 1 - ent / torch.log(torch.tensor(float(p.shape[-1])))
+    raise SortedError(f"unknown confidence measure '{measure}'")
+
+
 @dataclass
 class EarlyExit:
     """Options: candidate `exits` (default: the checkpoint's), per-exit `thresholds` (default: the paper's by
@@ -65,6 +82,8 @@ class EarlyExit:
     measure: str = "max_prob"
     screen: int | None = 8192
     calibration: dict | None = None  # filled by `calibrate`: agreement, estimated speedup, data
+    name = "early_exit"
+    spare = 0
 
     def check(self, sm) -> "EarlyExit":
         if self.measure not in MEASURES:
@@ -98,8 +117,6 @@ class EarlyExit:
         return [(k, t) for k in self.exits if (t := self.threshold(k, num_layers)) <= 1.0 or k == num_layers]
 
     def save(self, path: str | Path) -> None:
-        from ..checkpoint import atomic_write_text
-
         data = {"measure": self.measure, "exits": self.exits, "screen": self.screen,
                 "thresholds": {str(k): v for k, v in self.thresholds.items()}, "calibration": self.calibration}
         atomic_write_text(path, json.dumps(data, indent=2) + "\n")
@@ -117,117 +134,117 @@ class EarlyExit:
             raise SortedError(f"thresholds file {path} is malformed ({e}); write it with `calibrate` or give "
                               "{\"thresholds\": {\"9\": 0.95, ...}}")
 
+    def screens(self, rt) -> dict:
+        """Exit -> head over the draft vocabulary for screening max_prob checks (none without a saved vocabulary)."""
+        vocab = rt.sm.draft_vocab
+        if self.measure != "max_prob" or not self.screen or vocab is None or \
+                self.screen >= rt.arch.head.weight.shape[0]:
+            return {}
+        return {k: rt.restricted_head(k, vocab[:self.screen]) for k, _ in self.active(rt.num_layers)
+                if k < rt.num_layers}
 
-def confidence(measure: str, logits: torch.Tensor | None = None, hidden: torch.Tensor | None = None,
-               previous: torch.Tensor | None = None) -> torch.Tensor:
-    """Confidence per row (higher = more confident) from logits [N, V] or, for saturation, hidden states [N, H]."""
-    if measure == "saturation":
-        return torch.nn.functional.cosine_similarity(hidden.float(), previous.float(), dim=-1)
-    p = logits.float().softmax(-1)
-    if measure == "max_prob":
-        return p.max(-1).values
-    if measure == "margin":
-        top = p.topk(2, dim=-1).values
-        return top[:, 0] - top[:, 1]
-    if measure == "entropy":
-        ent = -(p * p.clamp(min=1e-30).log()).sum(-1)
-        return 1 - ent / torch.log(torch.tensor(float(p.shape[-1])))
-    raise SortedError(f"unknown confidence measure '{measure}'")
+    @torch.inference_mode()
+    def decode(self, rt, batch: Batch, sampling: Sampling) -> dict:
+        L, plan = rt.num_layers, self.active(rt.num_layers)
+        climb = Climb(rt, batch, self, sampling)
+        # The prompt runs through every layer up front (unpadded, see `prefill`): the first token's exit is decided
+        # on those states, exactly as if the prompt had climbed lazily, and nothing of the prompt is left pending.
+        first = prefill(rt, batch, L, keep=[0] + [k for k, _ in plan])
+        tokens, where, depth = climb.step(plan, first)
+        while True:
+            climb.record(tokens, where, depth)
+            finished = batch.emit(tokens.unsqueeze(1))
+            tokens, *groups = batch.drop(finished, tokens, *[g for _, g in climb.pending])
+            for entry, g in zip(climb.pending, groups):
+                entry[1] = g
+            if not batch.size:
+                break
+            batch.feed(1)
+            climb.h = rt.embed(tokens.unsqueeze(1))
+            tokens, where, depth = climb.step(plan)
+        return climb.stats()
 
 
-@torch.inference_mode()
-def decode_early_exit(sm, batch: Batch, ee: EarlyExit, sampling: Sampling, stats: dict) -> None:
-    from ..adapters.vocab import restricted_head
+class Climb:
+    """One token per row per step up the exits, with the pending tokens' stack (module doc)."""
 
-    arch, L = sm.arch, sm.num_layers
-    plan = ee.active(L)
-    vocab = arch.head.weight.shape[0]
-    screens = {}
-    if ee.measure == "max_prob" and ee.screen and ee.screen < vocab:
-        screens = {k: head for k, _ in plan if k < L and (head := restricted_head(sm, k, ee.screen)) is not None}
-    exit_layers = {r: [] for r in batch.rows}
-    pending: list[list] = []  # [depth, hidden [B, n, H]], oldest first; depths never increase
-    # The prompt runs through every layer up front (unpadded, see `prefill`): the first token's exit is decided on
-    # those states, exactly as if the prompt had climbed lazily, and nothing of the prompt is left pending.
-    first = prefill(sm, batch, L, keep=[0] + [k for k, _ in plan])
-    h = first[0]  # then one new token per step
-    depth_sum = full_heads = screened = 0
-    steps = 0
-    while True:
-        pos_all = positions(batch.mask)
+    def __init__(self, rt, batch: Batch, ee: EarlyExit, sampling: Sampling):
+        self.rt, self.batch, self.ee, self.sampling = rt, batch, ee, sampling
+        self.screens = ee.screens(rt)
+        self.pending: list[list] = []  # [depth, hidden [B, n, H]], oldest first; depths never increase
+        self.h: torch.Tensor | None = None
+        self.exit_layers = {r: [] for r in batch.rows}
+        self.depth_sum = self.steps = self.full_heads = self.screened = 0
 
-        def run(x, a, b):
-            return arch.run_layers(x, a, b, attention_mask=batch.mask, position_ids=pos_all[:, -x.shape[1]:],
-                                   cache=batch.cache)
+    def run(self, x: torch.Tensor, a: int, b: int) -> torch.Tensor:
+        return self.rt.run(x, a, b, self.batch.columns(x.shape[1]))
 
+    def step(self, plan, first: dict | None = None):
+        """Climb until every row has exited: (token per row, exit per row, depth reached)."""
+        rt, batch, L = self.rt, self.batch, self.rt.num_layers
         B = batch.size
         tokens = torch.zeros(B, dtype=torch.long, device=batch.device)
         where = torch.full((B,), L, dtype=torch.long, device=batch.device)
         undecided = torch.ones(B, dtype=torch.bool, device=batch.device)
-        previous = h[:, -1]
-        at = 0
+        h = first[0].unsqueeze(1) if first is not None else self.h
+        previous, at = h[:, -1], 0
         for k, tau in plan:
             if first is not None:
-                h = first[k]
+                h = first[k].unsqueeze(1)
             else:
-                while pending and pending[-1][0] < k:  # pending tokens join when the climb reaches their depth
-                    d, group = pending.pop()
-                    h = torch.cat([group, run(h, at, d)], 1)
+                while self.pending and self.pending[-1][0] < k:  # pending tokens join at their depth
+                    d, group = self.pending.pop()
+                    h = torch.cat([group, self.run(h, at, d)], 1)
                     at = d
-                h = run(h, at, k)
+                h = self.run(h, at, k)
             at = k
             rows = undecided.nonzero().squeeze(1)
-            last = h[rows, -1]
-            if k == L:
-                tokens[rows] = sampling.pick(sm.exit_logits(last, k))
-                full_heads += len(rows)
-                break
-            if ee.measure == "saturation":
-                passed = confidence("saturation", hidden=last, previous=previous[rows]) >= tau
-                previous = h[:, -1]
-                logits = sm.exit_logits(last[passed], k) if bool(passed.any()) else None
-            else:
-                candidate = torch.ones(len(rows), dtype=torch.bool, device=batch.device)
-                if k in screens:
-                    norm, _ = sm.exit_norm_head(k)
-                    sub = arch.logits(last, norm=norm, head=screens[k])
-                    candidate = sub.float().softmax(-1).max(-1).values >= tau
-                    screened += len(rows)
-                passed = torch.zeros_like(candidate)
-                logits = None
-                if bool(candidate.any()):
-                    full = sm.exit_logits(last[candidate], k)
-                    full_heads += int(candidate.sum())
-                    ok = confidence(ee.measure, logits=full) >= tau
-                    passed[candidate] = ok
-                    logits = full[ok]
+            passed, logits = self.decide(k, tau, h[rows, -1], previous[rows])
+            previous = h[:, -1]
             if logits is not None and len(logits):
                 chosen = rows[passed]
-                tokens[chosen] = sampling.pick(logits)
+                tokens[chosen] = self.sampling.pick(logits)
                 where[chosen] = k
                 undecided[chosen] = False
             if not bool(undecided.any()):
                 break
-        depth_sum += at
-        steps += 1
-        if first is not None:
-            first = None
-        elif at < L:  # the current tokens (and any that joined them) stay pending at depth `at`
-            if pending and pending[-1][0] == at:
-                pending[-1][1] = torch.cat([pending[-1][1], h], 1)
+        if first is None and at < L:  # the current tokens (and any that joined them) stay pending at depth `at`
+            if self.pending and self.pending[-1][0] == at:
+                self.pending[-1][1] = torch.cat([self.pending[-1][1], h], 1)
             else:
-                pending.append([at, h])
-        for r, e in zip(batch.rows, where.tolist()):
-            exit_layers[r].append(e)
-        finished = batch.emit(tokens.unsqueeze(1))
-        tokens, *groups = batch.drop(finished, tokens, *[g for _, g in pending])
-        for entry, g in zip(pending, groups):
-            entry[1] = g
-        if not batch.size:
-            break
-        batch.feed(1)
-        h = arch.embed(tokens.unsqueeze(1))
-    order = sorted(exit_layers)
-    stats.update(steps=stats.get("steps", 0) + steps, mean_depth=depth_sum / max(steps, 1),
-                 full_heads=stats.get("full_heads", 0) + full_heads, screened=stats.get("screened", 0) + screened,
-                 per_row={"exit_layers": [exit_layers[r] for r in order]})
+                self.pending.append([at, h])
+        return tokens, where, at
+
+    def decide(self, k: int, tau: float, last: torch.Tensor, previous: torch.Tensor):
+        """(which of these rows exit at k, the logits of those that do)."""
+        rt, L, measure = self.rt, self.rt.num_layers, self.ee.measure
+        if k == L:
+            self.full_heads += len(last)
+            return torch.ones(len(last), dtype=torch.bool, device=last.device), rt.logits(last, k)
+        if measure == "saturation":
+            passed = confidence("saturation", hidden=last, previous=previous) >= tau
+            return passed, rt.logits(last[passed], k) if bool(passed.any()) else None
+        candidate = torch.ones(len(last), dtype=torch.bool, device=last.device)
+        if k in self.screens:
+            sub = rt.logits(last, k, head=self.screens[k])
+            candidate = sub.float().softmax(-1).max(-1).values >= tau
+            self.screened += len(last)
+        passed = torch.zeros_like(candidate)
+        if not bool(candidate.any()):
+            return passed, None
+        full = rt.logits(last[candidate], k)
+        self.full_heads += int(candidate.sum())
+        ok = confidence(measure, logits=full) >= tau
+        passed[candidate] = ok
+        return passed, full[ok]
+
+    def record(self, tokens, where, depth) -> None:
+        self.depth_sum += depth
+        self.steps += 1
+        for r, e in zip(self.batch.rows, where.tolist()):
+            self.exit_layers[r].append(e)
+
+    def stats(self) -> dict:
+        order = sorted(self.exit_layers)
+        return {"steps": self.steps, "mean_depth": self.depth_sum / max(self.steps, 1), "full_heads": self.full_heads,
+                "screened": self.screened, "per_row": {"exit_layers": [self.exit_layers[r] for r in order]}}

@@ -85,6 +85,14 @@ def packed(module: nn.Module, dtype: torch.dtype, device: torch.device) -> nn.Mo
     return module
 
 
+def weights_version(sm) -> tuple:
+    """Changes whenever a parameter of `sm` (or its per-exit heads) is replaced or modified in place."""
+    params = list(sm.model.parameters())
+    for norm, head in (sm.exit_heads or {}).values():
+        params += list(norm.parameters()) + list(head.parameters())
+    return tuple((p.data_ptr(), p._version) for p in params)
+
+
 @dataclass
 class Columns:
     """What one forward over new tokens needs besides the hidden states: the batch's padding mask over every column
@@ -129,10 +137,13 @@ class Runtime:
 
     @classmethod
     def of(cls, sm, dtype: str = "auto") -> "Runtime":
-        """The runtime of `sm` for `dtype`, built once and kept while `sm` lives."""
+        """The runtime of `sm` for `dtype`, built once and kept while `sm` lives and its weights stay as they were
+        (training or editing them in place makes a new copy)."""
         per_model = _RUNTIMES.setdefault(sm, {})
-        if dtype not in per_model:
+        version = weights_version(sm)
+        if dtype not in per_model or per_model[dtype].version != version:
             per_model[dtype] = cls(sm, dtype)
+            per_model[dtype].version = version
         return per_model[dtype]
 
     # -- the two operations ------------------------------------------------------------------------------------
@@ -183,8 +194,13 @@ class Runtime:
         return cache[key]
 
     def prepare(self, module: nn.Module) -> nn.Module:
-        """A copy of `module` (e.g. a draft layer) in this runtime's dtype and weight layout."""
-        return packed(copy.deepcopy(module).to(self.dtype).eval().requires_grad_(False), self.dtype, self.device)
+        """A copy of `module` (e.g. a draft layer's decoder layers) in this runtime's dtype, weight layout and
+        attention."""
+        module = copy.deepcopy(module).to(self.dtype).eval().requires_grad_(False)
+        for m in module.modules():
+            if hasattr(m, "config"):  # the copy's attention modules read their implementation from it
+                m.config = self.config
+        return packed(module, self.dtype, self.device)
 
 
 class SubsetHead(nn.Module):

@@ -89,4 +89,3 @@ class Sampling:
         return torch.rand(shape, generator=self.generator, device=device)
 
 
-GREEDY = Sampling()

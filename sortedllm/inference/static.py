@@ -1,42 +1,46 @@
-"""Static depth: decode with the first k layers only (norm + shared head at k), KV cache for those k layers only,
-batched with left padding (each prompt's prefill unpadded: `batch.prefill`).
+"""Static depth: decode with the first k layers only (exit k's norm and head), a KV cache for those k layers only.
 
-HF `generate` always runs every layer, so the decode loop is written here on top of `Architecture.run_layers`;
-its greedy output equals the exported k-layer model's greedy `generate` (tested).
+Its greedy output equals the exported k-layer model's (tested); `Static()` is the full model, plain decoding.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
-from .batch import Batch, encode_prompts, left_pad, new_cache, positions, prefill, stop_ids  # noqa: F401 (re-exported)
-from .generation import Generation  # noqa: F401 (re-exported)
+from ..errors import SortedError
+from .batch import Batch, prefill
 from .sampling import Sampling
 
 
-@torch.inference_mode()
-def decode_static(sm, batch: Batch, k: int, sampling: Sampling, stats: dict) -> None:
-    """Decode every row of `batch` to the end at exit k."""
-    arch = sm.arch
-    h = prefill(sm, batch, k)[k][:, -1]
-    steps = 0
-    while True:
-        nxt = sampling.pick(sm.exit_logits(h, k))
-        finished = batch.emit(nxt.unsqueeze(1))
-        (nxt,) = batch.drop(finished, nxt)
-        if not batch.size:
-            break
-        pos = batch.feed(1)
-        h = arch.run_layers(arch.embed(nxt.unsqueeze(1)), 0, k, attention_mask=batch.mask, position_ids=pos,
-                            cache=batch.cache)[:, -1]
-        steps += 1
-    stats["forward_steps"] = stats.get("forward_steps", 0) + steps + 1
+@dataclass
+class Static:
+    """Decode at exit `exit` (default: the last layer, i.e. the full model)."""
 
+    exit: int | None = None
+    name = "static"
+    spare = 0  # cache columns fed ahead of the reply
 
-def generate(sm, prompts, *, exit_layer: int | None = None, max_new_tokens: int = 128, batch_size: int = 16,
-             progress: bool = False, desc: str = "generate", **kwargs) -> list[Generation]:
-    """Generation at one exit (default: the full model) for many prompts; see `generation.generate`."""
-    from .generation import generate as _generate
+    def check(self, sm) -> "Static":
+        if self.exit is None:
+            return self
+        k = int(self.exit)
+        if not 1 <= k <= sm.num_layers:
+            raise SortedError(f"exit layer {k} is out of range: this model has layers 1..{sm.num_layers}")
+        sm.check_exits([k])  # a trained checkpoint decodes at its own exits only (ICT: no head elsewhere)
+        return self
 
-    return _generate(sm, prompts, exit_layer=exit_layer, max_new_tokens=max_new_tokens, batch_size=batch_size,
-                     progress=progress, desc=desc, **kwargs)
+    @torch.inference_mode()
+    def decode(self, rt, batch: Batch, sampling: Sampling) -> dict:
+        k = self.exit or rt.num_layers
+        h = prefill(rt, batch, k)[k]
+        steps = 1
+        while True:
+            nxt = sampling.pick(rt.logits(h, k))
+            (nxt,) = batch.drop(batch.emit(nxt.unsqueeze(1)), nxt)
+            if not batch.size:
+                return {"forward_steps": steps, "exit": k}
+            cols = batch.feed(1)
+            h = rt.run(rt.embed(nxt.unsqueeze(1)), 0, k, cols)[:, -1]
+            steps += 1

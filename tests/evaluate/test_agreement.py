@@ -14,7 +14,7 @@ from sortedllm.evaluate import evaluate
 from sortedllm.evaluate.agreement import MAX_DRAFT, accepted_tokens, agreement_runs, oracle_early_exit, speedups
 from sortedllm.exits import hidden_from_outputs
 from sortedllm.inference import generate
-from sortedllm.inference.static import encode_prompts
+from sortedllm.inference.batch import encode_prompts
 
 PNG = b"\x89PNG\r\n\x1a\n"
 
@@ -71,7 +71,7 @@ def test_agreement_runs_match_hf_forward(tiny_sorted):
     no padding, `output_hidden_states`), on LLaMA, Qwen2 and Gemma 3; the last exit agrees everywhere."""
     sm = tiny_sorted
     prompts = ["What is 2+3?", "Name a colour.", "Hi"]
-    gens = generate(sm, prompts, max_new_tokens=7)
+    gens = generate(sm, prompts, max_new_tokens=7, dtype="float32")
     prompt_ids = encode_prompts(sm, prompts)
     conts = [g.token_ids for g in gens]
     runs = agreement_runs(sm, prompt_ids, conts, [2, 4], draft_vocab=None, batch_size=2)
@@ -114,7 +114,7 @@ def test_exact_numbers_on_agreeing_model(tokenizer):
     """A model that emits "7" at every exit: agreement 1 everywhere, accepted(g) known exactly, speedups equal the
     formula on the step costs it reports."""
     sm = SortedModel(constant_model(tokenizer, "7"), tokenizer, exits=[2, 4])
-    res = evaluate({"A": sm}, ["agreement"], limit=2, max_new_tokens=8, progress=False, timing_rounds=1)
+    res = evaluate({"A": sm}, ["agreement"], limit=2, max_new_tokens=8, progress=False)
     per_exit = res["tasks"]["agreement"]["A"]
     expected = [sum(min(g, s) for s in range(1, 9)) / 8 for g in range(1, MAX_DRAFT + 1)]
     t_full = res["details"]["agreement"]["timing"]["A"]["t_full_ms"]
@@ -197,7 +197,7 @@ def test_draft_layer_measured_as_its_exit(tokenizer, tmp_path):
     assert 0 < sum(map(sum, runs["top1"][3])) < sum(map(len, runs["top1"][3]))  # neither all nor nothing
 
     path = draft.save_pretrained(tmp_path / "draft") / "draft_layer.safetensors"
-    res = evaluate({"A": sm}, ["agreement"], exits=[3], limit=4, max_new_tokens=12, progress=False, timing_rounds=1,
+    res = evaluate({"A": sm}, ["agreement"], exits=[3], limit=4, max_new_tokens=12, progress=False,
                    data_file=None, draft_layer=str(path))
     d = res["details"]["agreement"]["draft_layer"]["A"]
     exit3 = res["tasks"]["agreement"]["A"]["3"]

@@ -13,8 +13,8 @@ from sortedllm.evaluate import evaluate, prepare
 from sortedllm.evaluate.similarity import compare_exits
 from sortedllm.evaluate.tournament import matches
 from sortedllm.exits import hidden_from_outputs
-from sortedllm.inference import generate
-from sortedllm.inference.static import encode_prompts
+from sortedllm.inference import Static, generate
+from sortedllm.inference.batch import encode_prompts
 
 
 def write_jsonl(path, rows):
@@ -81,7 +81,7 @@ def test_similarity_matches_hf_forward(tiny_sorted):
     output_hidden_states, prompt by prompt without padding (checks position alignment and padding)."""
     sm = tiny_sorted
     prompts = ["Hello there", "Write a long sentence about the sea and the sky, please."]
-    gens = generate(sm, prompts, exit_layer=sm.num_layers, max_new_tokens=5)
+    gens = generate(sm, prompts, strategy=Static(sm.num_layers), max_new_tokens=5)
     prompt_ids = encode_prompts(sm, prompts)
     ours = compare_exits(sm, prompt_ids, [g.token_ids for g in gens], [2, 4], positions=5, batch_size=2)
     L = sm.num_layers

@@ -28,7 +28,7 @@ def test_greedy_is_identical_to_the_full_model(arch, restricted, tokenizer):
     draft = perturbed(DraftLayer.from_model(sm, shared=2, layers=1, vocab=sm.draft_vocab if restricted else None))
     ref = [g.token_ids for g in generate(sm, PROMPTS, max_new_tokens=24, batch_size=1)]
     for bs, opts in ((1, {}), (4, dict(draft_tokens=6)), (10, dict(draft_tokens=2, adaptive=False))):
-        out = generate(sm, PROMPTS, speculative=Speculative(3, draft_layer=draft, **opts), max_new_tokens=24,
+        out = generate(sm, PROMPTS, strategy=Speculative(3, draft_layer=draft, **opts), max_new_tokens=24,
                        batch_size=bs)
         assert [g.token_ids for g in out] == ref, (bs, opts)
         acceptance = summary(out)["acceptance"]
@@ -41,9 +41,9 @@ def test_an_untrained_draft_layer_drafts_exactly_as_its_exit(tokenizer):
     row drop."""
     sm = draftable("llama", tokenizer)
     draft = DraftLayer.from_model(sm, shared=2, layers=1, vocab=sm.draft_vocab)
-    plain = summary(generate(sm, PROMPTS, speculative=Speculative(3, draft_vocab=8192), max_new_tokens=24,
+    plain = summary(generate(sm, PROMPTS, strategy=Speculative(3, draft_vocab=8192), max_new_tokens=24,
                              batch_size=4))
-    ours = summary(generate(sm, PROMPTS, speculative=Speculative(3, draft_layer=draft), max_new_tokens=24,
+    ours = summary(generate(sm, PROMPTS, strategy=Speculative(3, draft_layer=draft), max_new_tokens=24,
                             batch_size=4))
     for key in ("drafted", "accepted", "rounds", "emitted"):
         assert ours[key] == plain[key], (key, ours, plain)
@@ -54,11 +54,11 @@ def test_two_draft_layers_and_sampling(tokenizer):
     sm = draftable("qwen2", tokenizer)
     draft = perturbed(DraftLayer.from_model(sm, shared=1, layers=2, vocab=None), seed=1)
     ref = [g.token_ids for g in generate(sm, PROMPTS[:4], max_new_tokens=16, batch_size=1)]
-    out = generate(sm, PROMPTS[:4], speculative=Speculative(3, draft_layer=draft), max_new_tokens=16, batch_size=2)
+    out = generate(sm, PROMPTS[:4], strategy=Speculative(3, draft_layer=draft), max_new_tokens=16, batch_size=2)
     assert [g.token_ids for g in out] == ref
-    a = generate(sm, PROMPTS[:4], speculative=Speculative(3, draft_layer=draft), max_new_tokens=8, temperature=1.0,
+    a = generate(sm, PROMPTS[:4], strategy=Speculative(3, draft_layer=draft), max_new_tokens=8, temperature=1.0,
                  seed=3)
-    b = generate(sm, PROMPTS[:4], speculative=Speculative(3, draft_layer=draft), max_new_tokens=8, temperature=1.0,
+    b = generate(sm, PROMPTS[:4], strategy=Speculative(3, draft_layer=draft), max_new_tokens=8, temperature=1.0,
                  seed=3)
     assert [g.token_ids for g in a] == [g.token_ids for g in b] and all(g.token_ids for g in a)
 
@@ -75,13 +75,13 @@ def test_file_round_trip_and_errors(tokenizer, tmp_path):
         assert loaded.info == {"rows": "10"}
         for a, b in zip(draft.state_dict().values(), loaded.state_dict().values()):
             assert torch.equal(a, b)
-    by_path = generate(sm, PROMPTS[:3], speculative=Speculative(3, draft_layer=str(folder)), max_new_tokens=12)
-    by_module = generate(sm, PROMPTS[:3], speculative=Speculative(3, draft_layer=draft), max_new_tokens=12)
+    by_path = generate(sm, PROMPTS[:3], strategy=Speculative(3, draft_layer=str(folder)), max_new_tokens=12)
+    by_module = generate(sm, PROMPTS[:3], strategy=Speculative(3, draft_layer=draft), max_new_tokens=12)
     assert summary(by_path)["accepted"] == summary(by_module)["accepted"]
     assert not list(tmp_path.glob("*.tmp*")) and not list(tmp_path.glob(".*"))
 
     with pytest.raises(SortedError, match="drafts at exit 3 .* not 4"):
-        generate(sm, ["hi"], speculative=Speculative(4, draft_layer=draft))
+        generate(sm, ["hi"], strategy=Speculative(4, draft_layer=draft))
     with pytest.raises(SortedError, match="draft layer file not found"):
         load_draft_layer(tmp_path / "nope.safetensors", sm)
     (tmp_path / "junk.safetensors").write_bytes(b"not a safetensors file")

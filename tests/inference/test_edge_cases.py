@@ -8,7 +8,7 @@ import torch
 from sortedllm import SortedModel
 from sortedllm.data import encode_prompt
 from sortedllm.errors import SortedError
-from sortedllm.inference import EarlyExit, Speculative, generate
+from sortedllm.inference import EarlyExit, Speculative, Static, generate
 from tests.inference.conftest import PROMPTS, draftable
 from tests.inference.test_early_exit import mixing_thresholds
 
@@ -18,10 +18,10 @@ STRATEGIES = ("static", "speculative", "early_exit")
 def options(sm, strategy: str) -> dict:
     """generate() keyword arguments; early-exit thresholds are picked so tokens really leave at several depths."""
     if strategy == "static":
-        return {"exit_layer": 4}
+        return {"strategy": Static(4)}
     if strategy == "speculative":
-        return {"speculative": Speculative(2, draft_vocab=None)}
-    return {"early_exit": EarlyExit(thresholds=mixing_thresholds(sm, PROMPTS[:4], "max_prob"), screen=None)}
+        return {"strategy": Speculative(2, draft_vocab=None)}
+    return {"strategy": EarlyExit(thresholds=mixing_thresholds(sm, PROMPTS[:4], "max_prob"), screen=None)}
 
 
 def token_prompt(n: int, seed: int, avoid=()) -> list[int]:
@@ -73,13 +73,13 @@ def test_empty_prompt(draft_model, strategy):
 def test_empty_prompt_without_tokenizer(tokenizer):
     model = draftable("llama", tokenizer).model
     sm = SortedModel(model, None, exits=[2, 4, 6])
-    [g] = generate(sm, [[]], exit_layer=4, max_new_tokens=3)
+    [g] = generate(sm, [[]], strategy=Static(4), max_new_tokens=3)
     assert g.prompt_tokens == 1 and len(g.token_ids) == 3 and g.text == ""  # BOS from the model config
     with pytest.raises(SortedError, match="prompt 0 is text but this model has no tokenizer; pass token ids"):
-        generate(sm, ["hi"], exit_layer=4)
+        generate(sm, ["hi"], strategy=Static(4))
     model.config.bos_token_id = None
     with pytest.raises(SortedError, match="prompt 0 is empty and the model has no BOS token"):
-        generate(sm, [[]], exit_layer=4)
+        generate(sm, [[]], strategy=Static(4))
 
 
 @pytest.mark.parametrize("strategy", STRATEGIES)
@@ -152,7 +152,7 @@ def test_eos_as_the_first_token(draft_model, strategy):
 def test_bad_prompts_and_strategies(tiny_sorted):
     sm = tiny_sorted
     vocab = sm.arch.base.embed_tokens.num_embeddings
-    for kw in ({"exit_layer": 4}, {"speculative": 2}, {"early_exit": True}):
+    for kw in ({"strategy": Static(4)}, {"strategy": Speculative(2)}, {"strategy": EarlyExit()}):
         with pytest.raises(SortedError, match=f"prompt 1 has token id {vocab}, outside the model's vocabulary "
                                               f"0..{vocab - 1}"):
             generate(sm, [[5, 6], [7, vocab]], **kw)
@@ -165,14 +165,14 @@ def test_bad_prompts_and_strategies(tiny_sorted):
     with pytest.raises(SortedError, match="prompt 0 is a NoneType"):
         generate(sm, [None])
     with pytest.raises(SortedError, match="exit layer 0 is out of range: this model has layers 1..6"):
-        generate(sm, ["hi"], exit_layer=0)
+        generate(sm, ["hi"], strategy=Static(0))
     with pytest.raises(SortedError, match="speculative draft exit 0 is out of range: use a layer in 1..5"):
-        generate(sm, ["hi"], speculative=0)
-    with pytest.raises(SortedError, match="choose one decoding strategy, got exit_layer and speculative"):
-        generate(sm, ["hi"], exit_layer=2, speculative=2)
+        generate(sm, ["hi"], strategy=Speculative(0))
+    with pytest.raises(SortedError, match=r"generate\(\) takes the strategy as an object now: Static\(k\)"):
+        generate(sm, ["hi"], exit_layer=2)
     with pytest.raises(SortedError, match="batch_size must be >= 1"):
         generate(sm, ["hi"], batch_size=0)
-    generate(sm, ["hi"], exit_layer=3, max_new_tokens=1)  # an untuned model: every layer is an exit
+    generate(sm, ["hi"], strategy=Static(3), max_new_tokens=1)  # an untuned model: every layer is an exit
     sm.config.mode = "soft"
     with pytest.raises(SortedError, match=r"exit 3 is not an exit of this checkpoint \(its exits: 2,4,6\)"):
-        generate(sm, ["hi"], exit_layer=3)
+        generate(sm, ["hi"], strategy=Static(3))

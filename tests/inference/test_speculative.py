@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from sortedllm.errors import SortedError
-from sortedllm.inference import Speculative, generate, summary
+from sortedllm.inference import Speculative, Static, generate, summary
 from sortedllm.adapters.vocab import RestrictedHead, restricted_head
 from sortedllm.inference.sampling import Sampling
 from tests.inference.conftest import PROMPTS, draftable
@@ -19,14 +19,16 @@ CONFIGS = [  # (draft exit, batch size, Speculative options)
 ]
 
 
-def test_greedy_is_identical_to_the_full_model(draft_model):
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_greedy_is_identical_to_the_full_model(draft_model, dtype):
     """Property: for many prompts, draft exits, batch sizes, draft lengths and draft heads, the text is token for
-    token the full model's greedy text (sliding-window rollback included: the Gemma3 model's window is 8)."""
+    token the same runtime's plain greedy text, in both dtypes (sliding-window rollback included: the Gemma3 model's
+    window is 8)."""
     sm = draft_model
-    ref = [g.token_ids for g in generate(sm, PROMPTS, max_new_tokens=24, batch_size=1)]
+    ref = [g.token_ids for g in generate(sm, PROMPTS, max_new_tokens=24, batch_size=1, dtype=dtype)]
     acceptance = []
     for k, bs, opts in CONFIGS:
-        out = generate(sm, PROMPTS, speculative=Speculative(k, **opts), max_new_tokens=24, batch_size=bs)
+        out = generate(sm, PROMPTS, strategy=Speculative(k, **opts), max_new_tokens=24, batch_size=bs, dtype=dtype)
         assert [g.token_ids for g in out] == ref, (k, bs, opts)
         acceptance.append(summary(out)["acceptance"])
     assert any(0.05 < a < 0.95 for a in acceptance), acceptance  # both accept and reject paths ran
@@ -37,11 +39,11 @@ def test_backoff_to_plain_steps_when_drafts_fail(tokenizer):
     stays identical. Without backoff every round drafts (except a reply's last token, which needs no draft)."""
     sm = draftable("gemma3_text", tokenizer)
     ref = [g.token_ids for g in generate(sm, PROMPTS[:3], max_new_tokens=32, batch_size=1)]
-    out = generate(sm, PROMPTS[:3], speculative=Speculative(1, draft_vocab=None), max_new_tokens=32, batch_size=1)
+    out = generate(sm, PROMPTS[:3], strategy=Speculative(1, draft_vocab=None), max_new_tokens=32, batch_size=1)
     s = summary(out)
     assert [g.token_ids for g in out] == ref
     assert s["acceptance"] < 0.3 and s["plain_rounds"] > s["rounds"] / 2, s
-    eager = generate(sm, PROMPTS[:3], speculative=Speculative(1, draft_vocab=None, backoff=False), max_new_tokens=32)
+    eager = generate(sm, PROMPTS[:3], strategy=Speculative(1, draft_vocab=None, backoff=False), max_new_tokens=32)
     assert [g.token_ids for g in eager] == ref and summary(eager)["plain_rounds"] <= 3
 
 
@@ -53,7 +55,7 @@ def test_stop_tokens_end_rows_early_in_a_batch(tokenizer):
     ref = generate(sm, PROMPTS[:4], max_new_tokens=16, batch_size=1)
     assert len(ref[0].token_ids) == 6 and ref[0].token_ids[-1] == stop
     for bs in (1, 4):
-        out = generate(sm, PROMPTS[:4], speculative=Speculative(3, draft_vocab=None), max_new_tokens=16,
+        out = generate(sm, PROMPTS[:4], strategy=Speculative(3, draft_vocab=None), max_new_tokens=16,
                        batch_size=bs)
         assert [g.token_ids for g in out] == [g.token_ids for g in ref]
         assert out[0].text == ref[0].text
@@ -66,7 +68,7 @@ def test_default_model_greedy_identical(default_model):
     prompts = PROMPTS[:4]
     ref = [g.token_ids for g in generate(sm, prompts, max_new_tokens=24, batch_size=1)]
     for k, bs, opts in [(9, 1, {}), (15, 4, dict(draft_vocab=None, draft_tokens=6))]:
-        out = generate(sm, prompts, speculative=Speculative(k, **opts), max_new_tokens=24, batch_size=bs)
+        out = generate(sm, prompts, strategy=Speculative(k, **opts), max_new_tokens=24, batch_size=bs)
         assert [g.token_ids for g in out] == ref, k
 
 
@@ -110,7 +112,7 @@ def exact_distribution(sm, prompt_ids, sampling, depth=3, exit_layer=None):
 
 def sample_counts(sm, prompt_ids, n, **kwargs):
     gens = generate(sm, [prompt_ids] * n, max_new_tokens=3, batch_size=400, temperature=1.0, top_k=4, seed=1234,
-                    **kwargs)
+                    dtype="float32", **kwargs)
     counts = {}
     for g in gens:
         counts[tuple(g.token_ids)] = counts.get(tuple(g.token_ids), 0) + 1
@@ -128,18 +130,18 @@ def test_speculative_sampling_matches_plain_sampling(tokenizer):
     sampling = Sampling(temperature=1.0, top_k=4)
     exact = exact_distribution(sm, prompt, sampling)
     n = 1200
-    spec, gens = sample_counts(sm, prompt, n, speculative=Speculative(2, draft_tokens=2, adaptive=False,
-                                                                       draft_vocab=None))
+    spec, gens = sample_counts(sm, prompt, n, strategy=Speculative(2, draft_tokens=2, adaptive=False,
+                                                                    draft_vocab=None))
     acceptance = summary(gens)["acceptance"]
     assert 0.1 < acceptance < 0.9, acceptance
     plain, _ = sample_counts(sm, prompt, n)
     assert chi_square_p(spec, exact, n) > 1e-3
     assert chi_square_p(plain, exact, n) > 1e-3
-    draft_only, _ = sample_counts(sm, prompt, n, exit_layer=2)
+    draft_only, _ = sample_counts(sm, prompt, n, strategy=Static(2))
     assert chi_square_p(draft_only, exact, n) < 1e-6
     # Same seed, same samples: sampling is reproducible.
-    again, _ = sample_counts(sm, prompt, n, speculative=Speculative(2, draft_tokens=2, adaptive=False,
-                                                                     draft_vocab=None))
+    again, _ = sample_counts(sm, prompt, n, strategy=Speculative(2, draft_tokens=2, adaptive=False,
+                                                                  draft_vocab=None))
     assert again == spec
 
 
@@ -151,7 +153,7 @@ def test_sampling_with_restricted_draft_head_and_top_p(tokenizer):
     exact = exact_distribution(sm, prompt, sampling, depth=2)
     n = 1000
     gens = generate(sm, [prompt] * n, max_new_tokens=2, batch_size=500, temperature=0.8, top_p=0.9, seed=7,
-                    speculative=Speculative(2, draft_tokens=1, adaptive=False, draft_vocab=2048))
+                    dtype="float32", strategy=Speculative(2, draft_tokens=1, adaptive=False, draft_vocab=2048))
     counts = {}
     for g in gens:
         counts[tuple(g.token_ids)] = counts.get(tuple(g.token_ids), 0) + 1
@@ -185,13 +187,13 @@ def test_restricted_head(tokenizer, tiny_sorted):
 def test_bad_options(tiny_sorted):
     sm = tiny_sorted
     with pytest.raises(SortedError, match="draft exit 6 is out of range"):
-        generate(sm, ["hi"], speculative=6)
-    with pytest.raises(SortedError, match="choose one decoding strategy"):
-        generate(sm, ["hi"], speculative=2, exit_layer=4)
+        generate(sm, ["hi"], strategy=Speculative(6))
+    with pytest.raises(SortedError, match="takes the strategy as an object now"):
+        generate(sm, ["hi"], speculative=2)
     with pytest.raises(SortedError, match="draft_tokens must be >= 1"):
-        generate(sm, ["hi"], speculative=Speculative(2, draft_tokens=0))
+        generate(sm, ["hi"], strategy=Speculative(2, draft_tokens=0))
     with pytest.raises(SortedError, match="top_p must be in"):
-        generate(sm, ["hi"], speculative=2, temperature=1.0, top_p=0)
+        generate(sm, ["hi"], strategy=Speculative(2), temperature=1.0, top_p=0)
     sm.config.mode = "soft"  # a trained checkpoint drafts only from its own exits
     with pytest.raises(SortedError, match="exit 3 is not an exit of this checkpoint"):
-        generate(sm, ["hi"], speculative=3)
+        generate(sm, ["hi"], strategy=Speculative(3))

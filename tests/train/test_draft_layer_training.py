@@ -45,8 +45,8 @@ def test_loss_is_kl_to_the_last_layer_and_training_lowers_it(tokenizer):
     for n, p in sm.model.state_dict().items():
         assert torch.equal(p, before[n]), n  # the model itself is frozen
     ref = [g.token_ids for g in generate(sm, PROMPTS, max_new_tokens=16, batch_size=1)]
-    plain = generate(sm, PROMPTS, speculative=Speculative(3, draft_vocab=8192), max_new_tokens=16, batch_size=4)
-    ours = generate(sm, PROMPTS, speculative=Speculative(3, draft_layer=trained), max_new_tokens=16, batch_size=4)
+    plain = generate(sm, PROMPTS, strategy=Speculative(3, draft_vocab=8192), max_new_tokens=16, batch_size=4)
+    ours = generate(sm, PROMPTS, strategy=Speculative(3, draft_layer=trained), max_new_tokens=16, batch_size=4)
     assert [g.token_ids for g in ours] == ref
     assert summary(ours)["acceptance"] > summary(plain)["acceptance"], (summary(ours), summary(plain))
 

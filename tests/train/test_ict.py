@@ -12,7 +12,8 @@ from sortedllm.data import encode_dataset, load_examples
 from sortedllm.errors import SortedError
 from sortedllm.evaluate import evaluate
 from sortedllm.export import submodel
-from sortedllm.inference.static import encode_prompts, generate
+from sortedllm.inference import Static, generate
+from sortedllm.inference.batch import encode_prompts
 from sortedllm.models import load_model
 from sortedllm.train import recipe
 from sortedllm.adapters import ADAPTER_CONFIG, ICTHeads
@@ -127,7 +128,7 @@ def test_cli_train_evaluate_generate_export(tiny_checkpoint, tmp_path):
 
     # generate reads exit 2's own head; the exported 2-layer model (untied head) agrees with it under HF generate
     prompt = "Tom has 3 apples and buys 2 more. How many?"
-    [g] = generate(sm, [prompt], exit_layer=2, max_new_tokens=6)
+    [g] = generate(sm, [prompt], strategy=Static(2), max_new_tokens=6)
     small = submodel(sm, 2)
     assert small.config.tie_word_embeddings is False
     ids = torch.tensor([encode_prompts(sm, [prompt])[0]])

@@ -10,7 +10,7 @@ from sortedllm import SortedModel
 from sortedllm.data import encode_dataset, load_examples
 from sortedllm.errors import SortedError
 from sortedllm.evaluate import evaluate
-from sortedllm.inference.static import encode_prompts
+from sortedllm.inference.batch import encode_prompts
 from sortedllm.adapters import ADAPTER_CONFIG, lora
 from sortedllm.adapters.vocab import VOCAB_FILE
 from sortedllm.models import load_model

@@ -110,8 +110,9 @@ def train_once(tiny_model, tok, tmp_path, name, **kw):
 
     ds = encode_dataset(tok, load_examples("gsm8k", limit=kw.pop("rows", 4)), 96)
     kw = {"max_steps": 1, "logging_steps": 1, **kw}
+    # SGD makes the update a linear function of the gradient (the joint loss's: one optimizer stream)
     args = SoFTConfig(output_dir=str(tmp_path / name), learning_rate=0.5, optim="sgd", max_grad_norm=0.0,
-                      lr_scheduler_type="constant", save_strategy="no", max_length=96, seed=0, disable_tqdm=True,
+                      exit_optimizer="joint", lr_scheduler_type="constant", save_strategy="no", max_length=96, seed=0, disable_tqdm=True,
                       report_to=[], exits="2,4,6", **kw)
     trainer = SoFTTrainer(model=tiny_model, args=args, train_dataset=ds, processing_class=tok)
     calls = []
