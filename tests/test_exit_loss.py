@@ -3,7 +3,7 @@
 import torch
 
 from sortedllm.exit_loss import TILE_LOGITS, exit_cross_entropy, label_positions
-from sortedllm.train import loss as train_loss
+from sortedllm.train.loss import multi_exit_loss
 
 
 def test_matches_the_training_loss(tiny_sorted, monkeypatch):
@@ -12,13 +12,12 @@ def test_matches_the_training_loss(tiny_sorted, monkeypatch):
     labels = ids.clone()
     labels[:, :5] = -100
     mask, targets = label_positions(labels)
-    want_mask, want_targets = train_loss.label_positions(labels)
-    assert torch.equal(mask, want_mask) and torch.equal(targets, want_targets)
+    assert mask.sum() == 2 * 7 and torch.equal(targets, ids[:, 5:].reshape(-1))  # positions 4..10 predict 5..11
     monkeypatch.setattr("sortedllm.exit_loss.TILE_LOGITS", TILE_LOGITS // 10**6)  # several tiles
     with torch.no_grad():
+        out = sm.model(input_ids=ids, output_hidden_states=True)
         for k, h in sm.hidden_at_exits(ids).items():
             norm, head = sm.exit_norm_head(k)
-            x = h[:, :-1][mask]
-            got = exit_cross_entropy(x, targets, norm, head, sm.arch.softcap)
-            want = train_loss.exit_cross_entropy(x, targets, norm, head, sm.arch.softcap)
+            got = exit_cross_entropy(h[:, :-1][mask], targets, norm, head, sm.arch.softcap)
+            want = multi_exit_loss(out.hidden_states, labels, {k: 1.0}, sm.arch).per_exit[k] * len(targets)
             torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-4)

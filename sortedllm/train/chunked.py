@@ -23,6 +23,7 @@ logits are built once.
 from __future__ import annotations
 
 import functools
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -190,6 +191,14 @@ class ChunkedLinearCrossEntropy(torch.autograd.Function):
         return (*out, None, None, None, None, None, None)
 
 
+class Head(NamedTuple):
+    """The linear head the exits read through: its weight, optional bias and the model's logit soft-capping."""
+
+    weight: torch.Tensor
+    bias: torch.Tensor | None = None
+    softcap: float | None = None
+
+
 def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
                          exit_weights: torch.Tensor, *, bias: torch.Tensor | None = None, softcap: float | None = None,
                          impl: str = "auto", chunk_size: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -199,22 +208,22 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: to
     `[exits]` (loss weight per exit, already divided by the token count). `chunk_size`: positions per tile for
     `chunked`, vocabulary columns per tile for `trl`.
     """
-    loss, ce, _ = linear_distill_loss(hidden, weight, targets, exit_weights, bias=bias, softcap=softcap, impl=impl,
+    loss, ce, _ = linear_distill_loss(hidden, Head(weight, bias, softcap), targets, exit_weights, impl=impl,
                                       chunk_size=chunk_size)
     return loss, ce
 
 
-def linear_distill_loss(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
-                        exit_weights: torch.Tensor, distill_weights: torch.Tensor | None = None,
-                        temperature: float = 1.0, *, bias: torch.Tensor | None = None, softcap: float | None = None,
-                        impl: str = "auto", chunk_size: int | None = None
-                        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """`linear_cross_entropy` plus self-distillation: the loss adds, per exit e,
-    `distill_weights[e] * T^2 * sum_i KL(softmax(z_last,i / T) || softmax(z_e,i / T))`, where the last row of
+def linear_distill_loss(hidden: torch.Tensor, head: Head, targets: torch.Tensor, exit_weights: torch.Tensor,
+                        distill: tuple[torch.Tensor, float] | None = None, *, impl: str = "auto",
+                        chunk_size: int | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """`linear_cross_entropy` plus self-distillation: with `distill` = (distill_weights, T) the loss adds, per exit
+    e, `distill_weights[e] * T^2 * sum_i KL(softmax(z_last,i / T) || softmax(z_e,i / T))`, where the last row of
     `hidden` is the teacher (detached; `distill_weights[-1]` must be 0). Returns (loss, per-exit CE sums, per-exit KL
-    sums or None without `distill_weights`), sums detached.
+    sums or None without `distill`), sums detached.
     """
     E, n, _ = hidden.shape
+    weight, bias, softcap = head
+    distill_weights, temperature = distill if distill is not None else (None, 1.0)
     distill = distill_weights is not None
     if distill:
         distill_weights = torch.as_tensor(distill_weights, device=hidden.device)

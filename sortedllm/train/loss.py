@@ -1,11 +1,15 @@
-"""The SoFT loss: a weighted mean over exits of each exit's next-token cross-entropy, optionally with
-self-distillation: each intermediate exit's term becomes `(1 - alpha) * CE + alpha * T^2 * KL(p_L^T || p_k^T)`, the
-last layer's (detached) tempered distribution as the teacher, so shallow exits learn to predict what the last layer
-predicts (what a self-speculative draft needs), not only the data. The last exit keeps plain CE.
+"""The SoFT loss: a weighted sum over exits of each exit's next-token cross-entropy, per label token.
 
-Exit k's logits are `head(norm(h_k))` with the model's shared norm and head (or per-exit heads for ICT). The norm
-and head are applied only at positions whose next-token label is not masked, so prompt and padding positions cost
-nothing, and the head and cross-entropy run in tiles (chunked.py), so no exit's full logits are ever held.
+    loss = sum_k w_k * CE_k / tokens          CE_k = sum over labelled positions of -log softmax(head(norm(h_k)))[y]
+
+`multi_exit_loss` below is that formula, read top to bottom: pick each exit's hidden state at the labelled
+positions, then run the exits that share a head through one tiled linear + cross-entropy call (chunked.py: no
+exit's `[tokens x vocab]` logits are ever held). Two things compose around it without changing it:
+- per-exit heads (ICT: `exit_heads`): an exit with its own norm and head forms its own group;
+- self-distillation (`distill_alpha` a, temperature T): an intermediate exit's term becomes
+  `(1 - a) * CE_k + a * T^2 * KL(p_L^T || p_k^T)` with the last layer's detached tempered distribution as the
+  teacher, so shallow exits learn to predict what the last layer predicts (what a self-speculative draft needs).
+  The last layer joins its group's tiles as the teacher even when its own weight is 0.
 """
 
 from __future__ import annotations
@@ -14,9 +18,9 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .chunked import linear_cross_entropy, linear_distill_loss
-
-IGNORE_INDEX = -100
+from ..exit_loss import IGNORE_INDEX, label_positions  # noqa: F401 (IGNORE_INDEX is re-exported for the trainer)
+from ..exits import hidden_from_outputs
+from .chunked import Head, linear_distill_loss
 
 
 @dataclass
@@ -27,80 +31,76 @@ class ExitLoss:
     kl: dict[int, torch.Tensor] = field(default_factory=dict)  # distillation: mean KL(p_L^T || p_k^T) per token
 
 
-def label_positions(labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Boolean mask over `[batch, seq-1]` positions that predict a label, and those target ids."""
-    shifted = labels[:, 1:]
-    mask = shifted != IGNORE_INDEX
-    return mask, shifted[mask]
+@dataclass
+class LossOptions:
+    """How the loss is computed: the linear + cross-entropy path and tile size (chunked.py), and distillation."""
 
-
-def exit_cross_entropy(hidden: torch.Tensor, targets: torch.Tensor, norm, head, softcap=None,
-                       normed: bool = False, impl: str = "auto", chunk_size: int | None = None) -> torch.Tensor:
-    """Summed cross-entropy of one exit over the selected positions (`hidden` is `[n, hidden]`), in tiles."""
-    h = hidden if normed else norm(hidden)
-    one = torch.ones(1, device=h.device)
-    return linear_cross_entropy(h.unsqueeze(0), head.weight, targets, one, bias=head.bias, softcap=softcap,
-                                impl=impl, chunk_size=chunk_size)[0]
+    impl: str = "auto"
+    chunk_size: int | None = None
+    distill_alpha: float = 0.0
+    distill_temperature: float = 1.0
 
 
 def multi_exit_loss(hidden_states, labels: torch.Tensor, weights: dict[int, float], arch, exit_heads=None,
-                    num_items_in_batch=None, impl: str = "auto", chunk_size: int | None = None,
-                    distill_alpha: float = 0.0, distill_temperature: float = 1.0) -> ExitLoss:
-    """SoFT loss from a HF `output_hidden_states=True` forward.
-
-    `weights` maps exit layer -> loss weight (uniform SoFT: 1/n each; SFT: {L: 1}); exits of weight 0 are skipped.
-    Normalised by the label token count of the whole (accumulated) batch when `num_items_in_batch` is given, as
-    transformers' own loss does. The exits that share a head go through one `linear_cross_entropy` call (`impl`,
-    `chunk_size`: see chunked.py), which never holds an exit's full `[tokens x vocab]` logits.
-
-    `distill_alpha` > 0 mixes in self-distillation (module doc) for every intermediate exit with a weight; the last
-    layer joins the tile as the teacher even when its own weight is 0 (its CE then does not count). Exits with their
-    own heads (ICT) cannot be distilled here: their tiles do not hold the last layer's logits.
-    """
-    from ..exits import hidden_from_outputs
-
+                    num_items_in_batch=None, **options) -> ExitLoss:
+    """The SoFT loss from a HF `output_hidden_states=True` forward. `weights`: exit -> loss weight (uniform SoFT
+    1/n each, SFT {L: 1}); exits of weight 0 are skipped. Normalised by the label tokens of the whole (accumulated)
+    batch when `num_items_in_batch` is given, as transformers' own loss is. `options`: `LossOptions` fields."""
+    opts = LossOptions(**options)
+    if not 0 <= opts.distill_alpha <= 1:
+        raise ValueError(f"distill_alpha must be in [0, 1], got {opts.distill_alpha}")
     L = arch.num_layers
-    if not 0 <= distill_alpha <= 1:
-        raise ValueError(f"distill_alpha must be in [0, 1], got {distill_alpha}")
-    students = [k for k, w in weights.items() if w != 0 and k != L] if distill_alpha > 0 else []
-    if students and exit_heads and any(k in exit_heads for k in students):
-        raise ValueError("self-distillation of exits with their own heads (ICT) is not supported")
     mask, targets = label_positions(labels)
     n_tokens = int(mask.sum())
     denom = num_items_in_batch if num_items_in_batch is not None else max(n_tokens, 1)
-    if torch.is_tensor(denom):
-        denom = denom.to(labels.device)
-    groups: dict[int, tuple] = {}  # id(head) -> (norm-less head, [exits], [normed hidden at labelled positions])
-    chosen = sorted(k for k, w in weights.items() if w != 0 or (k == L and students))
-    if students and L not in chosen:
-        chosen.append(L)  # the teacher, last in its tile
-    for k in chosen:
-        h, normed = hidden_from_outputs(hidden_states, k, L)
-        own = exit_heads is not None and k in exit_heads
-        if normed and own:  # an ICT head replaces the final norm too
-            raise ValueError("per-exit heads at the last layer are not supported")
-        norm, head = exit_heads[k] if own else (arch.norm, arch.head)
-        x = h[:, :-1][mask]
-        groups.setdefault(id(head), (head, [], []))
-        groups[id(head)][1].append(k)
-        groups[id(head)][2].append(x if normed else norm(x))
-    total, per_exit, kl = None, {}, {}
-    for head, exits, xs in groups.values():
-        distill = bool(students) and exits[-1] == L and any(k in students for k in exits)
-        ce_w = [float(weights.get(k, 0.0)) * (1 - distill_alpha if distill and k != L else 1) for k in exits]
-        exit_weights = torch.tensor(ce_w, device=labels.device) / denom
-        distill_weights = None
-        if distill:
-            distill_weights = torch.tensor([float(weights.get(k, 0.0)) * distill_alpha if k != L else 0.0
-                                            for k in exits], device=labels.device) / denom
-        loss, sums, kl_sums = linear_distill_loss(torch.stack(xs), head.weight, targets, exit_weights,
-                                                  distill_weights, distill_temperature, bias=head.bias,
-                                                  softcap=arch.softcap, impl=impl, chunk_size=chunk_size)
+    denom = denom.to(labels.device) if torch.is_tensor(denom) else denom
+    terms = loss_terms(weights, L, opts.distill_alpha, exit_heads)  # exit -> (CE weight, KL weight)
+    total, ce, kl = None, {}, {}
+    for head, group in head_groups(terms, arch, exit_heads):
+        xs = torch.stack([exit_state(hidden_states, k, L, mask, arch, exit_heads) for k in group])
+        w_ce = torch.tensor([terms[k][0] for k in group], device=labels.device) / denom
+        w_kl = torch.tensor([terms[k][1] for k in group], device=labels.device) / denom
+        distill = group[-1] == L and any(terms[k][1] for k in group)
+        loss, ce_sums, kl_sums = linear_distill_loss(
+            xs, Head(head.weight, head.bias, arch.softcap), targets, w_ce,
+            (w_kl, opts.distill_temperature) if distill else None, impl=opts.impl, chunk_size=opts.chunk_size)
         total = loss if total is None else total + loss
-        per_exit.update({k: sums[i] / max(n_tokens, 1) for i, k in enumerate(exits)})
+        ce.update({k: ce_sums[i] / max(n_tokens, 1) for i, k in enumerate(group)})
         if kl_sums is not None:
-            kl.update({k: kl_sums[i] / max(n_tokens, 1) for i, k in enumerate(exits) if k != L})
+            kl.update({k: kl_sums[i] / max(n_tokens, 1) for i, k in enumerate(group) if terms[k][1]})
     if total is None:
         raise ValueError("multi_exit_loss needs at least one exit with a non-zero weight")
-    return ExitLoss(total, {k: per_exit[k] for k in weights if k in per_exit}, n_tokens,
-                    {k: kl[k] for k in weights if k in kl})
+    return ExitLoss(total, {k: ce[k] for k in weights if k in ce}, n_tokens, {k: kl[k] for k in weights if k in kl})
+
+
+def loss_terms(weights: dict[int, float], L: int, alpha: float, exit_heads=None) -> dict[int, tuple[float, float]]:
+    """Each computed exit's (cross-entropy weight, distillation weight); with distillation the last layer is a
+    term too (its CE at its own weight, possibly 0: it is there as the teacher)."""
+    students = [k for k, w in weights.items() if w and k != L] if alpha > 0 else []
+    if students and exit_heads and any(k in exit_heads for k in students):
+        raise ValueError("self-distillation of exits with their own heads (ICT) is not supported")
+    terms = {k: (float(w) * (1 - alpha if k in students else 1), float(w) * alpha if k in students else 0.0)
+             for k, w in weights.items() if w}
+    if students:
+        terms.setdefault(L, (float(weights.get(L, 0.0)), 0.0))
+    return terms
+
+
+def head_groups(terms: dict, arch, exit_heads=None) -> list[tuple[torch.nn.Module, list[int]]]:
+    """Exits grouped by the head they read through (shared head: one group, the last layer last in it)."""
+    groups: dict[int, tuple] = {}
+    for k in sorted(terms):
+        own = exit_heads is not None and k in exit_heads
+        head = exit_heads[k][1] if own else arch.head
+        groups.setdefault(id(head), (head, []))[1].append(k)
+    return list(groups.values())
+
+
+def exit_state(hidden_states, k: int, L: int, mask: torch.Tensor, arch, exit_heads=None) -> torch.Tensor:
+    """Exit k's normed hidden state at the labelled positions [n, hidden] (the last one comes normed from HF)."""
+    h, normed = hidden_from_outputs(hidden_states, k, L)
+    own = exit_heads is not None and k in exit_heads
+    if normed and own:  # an ICT head replaces the final norm too
+        raise ValueError("per-exit heads at the last layer are not supported")
+    x = h[:, :-1][mask]
+    return x if normed else (exit_heads[k][0] if own else arch.norm)(x)

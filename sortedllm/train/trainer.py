@@ -18,6 +18,7 @@ from ..exits import SortedConfig, resolve_exits
 from ..models import Architecture
 from .chunked import resolve_impl
 from .loss import multi_exit_loss
+from .resume import save_checkpoint
 from .schedules import make_schedule
 from .split import SplitAdamW
 
@@ -205,6 +206,4 @@ class SoFTTrainer(SFTTrainer):
 
     def _save_checkpoint(self, model, trial):
         """checkpoint-N written atomically with a verified manifest (see train/resume.py)."""
-        from .resume import save_checkpoint
-
         save_checkpoint(self, super()._save_checkpoint, model, trial)

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from sortedllm.errors import SortedError
-from sortedllm.train.chunked import linear_distill_loss
+from sortedllm.train.chunked import Head, linear_distill_loss
 from sortedllm.train.loss import multi_exit_loss
 
 from test_chunked import LargestTensor, problem
@@ -37,12 +37,12 @@ def distill_problem(E=3, **kw):
                                                      (2.0, None, False, 1)])
 def test_tiled_distillation_matches_reference_and_passes_gradcheck(T, softcap, bias, chunk):
     h, W, b, t, w, a = distill_problem(bias=bias)
-    loss, ce, kl = linear_distill_loss(h, W, t, w, a, T, bias=b, softcap=softcap, impl="chunked", chunk_size=chunk)
+    loss, ce, kl = linear_distill_loss(h, Head(W, b, softcap), t, w, (a, T), impl="chunked", chunk_size=chunk)
     ref, ref_ce, ref_kl = reference(h, W, b, t, w, a, T, softcap)
     torch.testing.assert_close(loss, ref, rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(ce, ref_ce, rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(kl[:-1], ref_kl[:-1], rtol=1e-10, atol=1e-12)
-    dense = linear_distill_loss(h, W, t, w, a, T, bias=b, softcap=softcap, impl="dense")
+    dense = linear_distill_loss(h, Head(W, b, softcap), t, w, (a, T), impl="dense")
     torch.testing.assert_close(dense[0], ref, rtol=1e-12, atol=1e-12)
     inputs = (h, W) + ((b,) if bias else ())
     g_ours = torch.autograd.grad(loss, inputs)
@@ -55,7 +55,7 @@ def test_tiled_distillation_matches_reference_and_passes_gradcheck(T, softcap, b
     teacher, W0, b0 = h[-1:].detach(), W.detach(), b.detach() if bias else None
 
     def f(students):
-        return linear_distill_loss(torch.cat([students, teacher]), W0, t, w, a, T, bias=b0, softcap=softcap,
+        return linear_distill_loss(torch.cat([students, teacher]), Head(W0, b0, softcap), t, w, (a, T),
                                    impl="chunked", chunk_size=chunk)[0]
 
     assert torch.autograd.gradcheck(f, (h[:-1].detach().requires_grad_(),))
@@ -64,8 +64,8 @@ def test_tiled_distillation_matches_reference_and_passes_gradcheck(T, softcap, b
 def test_teacher_row_gets_only_its_cross_entropy_gradient():
     """The last row is a constant teacher: its gradient is the same with or without the distillation term."""
     h, W, b, t, w, a = distill_problem()
-    with_kd = torch.autograd.grad(linear_distill_loss(h, W, t, w, a, 2.0, impl="chunked", chunk_size=3)[0], h)[0]
-    plain = torch.autograd.grad(linear_distill_loss(h, W, t, w, impl="chunked", chunk_size=3)[0], h)[0]
+    with_kd = torch.autograd.grad(linear_distill_loss(h, Head(W), t, w, (a, 2.0), impl="chunked", chunk_size=3)[0], h)[0]
+    plain = torch.autograd.grad(linear_distill_loss(h, Head(W), t, w, impl="chunked", chunk_size=3)[0], h)[0]
     torch.testing.assert_close(with_kd[-1], plain[-1], rtol=1e-12, atol=1e-12)
     assert not torch.allclose(with_kd[0], plain[0])
 
@@ -74,16 +74,16 @@ def test_distillation_never_holds_the_full_logits():
     E, n, d, V = 4, 512, 16, 4096
     h, W, _, t, w, a = distill_problem(E, n=n, d=d, V=V, dtype=torch.float32)
     with LargestTensor() as mode:
-        linear_distill_loss(h, W, t, w, a, 2.0, impl="chunked", chunk_size=64)[0].backward()
+        linear_distill_loss(h, Head(W), t, w, (a, 2.0), impl="chunked", chunk_size=64)[0].backward()
     assert mode.largest <= n * V // 2, mode.largest
 
 
 def test_distillation_is_refused_by_kernels_that_cannot_compute_it():
     h, W, b, t, w, a = distill_problem()
     with pytest.raises(SortedError, match="loss_impl trl cannot compute the self-distillation term"):
-        linear_distill_loss(h, W, t, w, a, impl="trl")
+        linear_distill_loss(h, Head(W), t, w, (a, 1.0), impl="trl")
     with pytest.raises(ValueError, match="0 for the last one"):
-        linear_distill_loss(h, W, t, w, torch.ones(3, dtype=h.dtype), impl="chunked")
+        linear_distill_loss(h, Head(W), t, w, (torch.ones(3, dtype=h.dtype), 1.0), impl="chunked")
 
 
 # -- the multi-exit loss on tiny models ------------------------------------------------------------------------
