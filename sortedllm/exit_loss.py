@@ -25,12 +25,18 @@ def exit_cross_entropy(hidden: torch.Tensor, targets: torch.Tensor, norm, head, 
                        normed: bool = False) -> torch.Tensor:
     """Summed cross-entropy (float32) of one exit over the selected positions (`hidden` is `[n, hidden]`): the
     exit's norm (unless `normed`), its head and the model's logit soft-capping, a tile of positions at a time."""
+    return position_cross_entropy(hidden, targets, norm, head, softcap, normed).sum()
+
+
+def position_cross_entropy(hidden: torch.Tensor, targets: torch.Tensor, norm, head, softcap: float | None = None,
+                           normed: bool = False) -> torch.Tensor:
+    """`exit_cross_entropy` per position: [n] float32."""
     h = hidden if normed else norm(hidden)
     rows = max(1, TILE_LOGITS // head.weight.shape[0])
-    total = torch.zeros((), dtype=torch.float32, device=h.device)
+    parts = []
     for i in range(0, h.shape[0], rows):
         z = F.linear(h[i:i + rows], head.weight, head.bias).float()
         if softcap:
             z = torch.tanh(z / softcap) * softcap
-        total = total + F.cross_entropy(z, targets[i:i + rows], reduction="sum")
-    return total
+        parts.append(F.cross_entropy(z, targets[i:i + rows], reduction="none"))
+    return torch.cat(parts) if parts else torch.zeros(0, device=h.device)

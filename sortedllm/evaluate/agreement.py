@@ -54,7 +54,7 @@ CHUNK = 512  # positions per head call (a [CHUNK, vocab] logits tile)
 def prepare(ctx, name: str) -> list[dict]:
     layer = ctx.options.get("draft_layer")
     if layer and not Path(layer).exists():
-        raise SortedError(f"draft layer not found: {layer}")
+        raise SortedError(f"draft layer file not found: {layer}")
     rows = load_examples(ctx.data.get(name, DEFAULT_DATA), limit=ctx.limit)
     if not rows:
         raise SortedError(f"the agreement task's data ({ctx.data.get(name, DEFAULT_DATA)}) has no prompts")

@@ -8,16 +8,18 @@ import torch
 from tqdm.auto import tqdm
 
 from ..data import default_eval_data, encode_example, load_examples
-from ..exit_loss import IGNORE_INDEX, exit_cross_entropy, label_positions
+from ..exit_loss import IGNORE_INDEX, label_positions, position_cross_entropy
+from ..stats import ratio_interval
 
 
-def batches(tokenizer, rows, max_length: int, batch_size: int):
-    """Right-padded batches of (input_ids, attention_mask, labels), longest first to fail fast on memory."""
-    encoded = [e for e in (encode_example(tokenizer, r, max_length) for r in rows) if e is not None]
-    encoded.sort(key=lambda e: -len(e["input_ids"]))
+def batches(tokenizer, encoded: list[dict], batch_size: int):
+    """(row indices, right-padded input_ids, attention_mask, labels) batches of encoded rows, longest first to fail
+    fast on memory."""
+    order = sorted(range(len(encoded)), key=lambda i: -len(encoded[i]["input_ids"]))
     pad = tokenizer.pad_token_id
-    for i in range(0, len(encoded), batch_size):
-        chunk = encoded[i:i + batch_size]
+    for i in range(0, len(order), batch_size):
+        idx = torch.tensor(order[i:i + batch_size])
+        chunk = [encoded[j] for j in idx.tolist()]
         width = max(len(e["input_ids"]) for e in chunk)
         ids = torch.full((len(chunk), width), pad, dtype=torch.long)
         mask = torch.zeros((len(chunk), width), dtype=torch.long)
@@ -27,26 +29,38 @@ def batches(tokenizer, rows, max_length: int, batch_size: int):
             ids[j, :n] = torch.tensor(e["input_ids"])
             mask[j, :n] = 1
             labels[j, :n] = torch.where(torch.tensor(e["completion_mask"]) == 1, ids[j, :n], IGNORE_INDEX)
-        yield ids, mask, labels
+        yield idx, (ids, mask, labels)
 
 
 @torch.no_grad()
 def exit_losses(sm, rows, exits, max_length: int = 512, batch_size: int = 8, progress: bool = True) -> dict:
-    """{exit: {"loss", "perplexity", "tokens"}} over the completion tokens of `rows`."""
-    totals = {k: 0.0 for k in exits}
-    count = 0
+    """{exit: {"loss", "perplexity", "tokens", "ci95", "rows", "row_loss", "row_tokens"}} over the completion
+    tokens of `rows`: the mean loss per token, its 95% bootstrap interval over the held-out rows, and each row's
+    summed loss and token count (in the order of `rows`; rows whose prompt fills max_length are left out), which
+    comparisons between models on the same rows resample jointly (sortedllm/stats.py)."""
+    encoded = [e for e in (encode_example(sm.tokenizer, r, max_length) for r in rows) if e is not None]
+    row_loss = {k: torch.zeros(len(encoded), dtype=torch.float64) for k in exits}
+    row_tokens = torch.zeros(len(encoded), dtype=torch.long)
     device = next(sm.model.parameters()).device
-    n_batches = math.ceil(len(rows) / batch_size)
-    for ids, mask, labels in tqdm(batches(sm.tokenizer, rows, max_length, batch_size), total=n_batches,
-                                  desc="held-out loss", disable=not progress):
+    n_batches = math.ceil(len(encoded) / batch_size)
+    for idx, (ids, mask, labels) in tqdm(batches(sm.tokenizer, encoded, batch_size), total=n_batches,
+                                         desc="held-out loss", disable=not progress):
         ids, mask, labels = ids.to(device), mask.to(device), labels.to(device)
         sel, targets = label_positions(labels)
+        owner = idx[sel.nonzero()[:, 0].cpu()]  # the row each labelled position belongs to
+        row_tokens.index_add_(0, owner, torch.ones_like(owner))
         for k, h in sm.hidden_at_exits(ids, mask, exits).items():
             norm, head = sm.exit_norm_head(k)
-            totals[k] += exit_cross_entropy(h[:, :-1][sel], targets, norm, head, sm.arch.softcap).item()
-        count += int(sel.sum())
-    return {k: {"loss": totals[k] / max(count, 1), "perplexity": math.exp(min(totals[k] / max(count, 1), 50)),
-                "tokens": count} for k in exits}
+            ce = position_cross_entropy(h[:, :-1][sel], targets, norm, head, sm.arch.softcap)
+            row_loss[k].index_add_(0, owner, ce.double().cpu())
+    count = int(row_tokens.sum())
+    out = {}
+    for k in exits:
+        mean = float(row_loss[k].sum()) / max(count, 1)
+        out[k] = {"loss": mean, "perplexity": math.exp(min(mean, 50)), "tokens": count, "rows": len(encoded),
+                  "ci95": list(ratio_interval(row_loss[k].numpy(), row_tokens.numpy())),
+                  "row_loss": [round(float(x), 4) for x in row_loss[k]], "row_tokens": row_tokens.tolist()}
+    return out
 
 
 HEADLINE = ("loss", False)
