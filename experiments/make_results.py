@@ -28,6 +28,7 @@ sys.path.insert(0, str(ROOT))
 
 from sortedllm.checkpoint import atomic_dir, atomic_write_text  # noqa: E402
 from sortedllm.evaluate import plots  # noqa: E402
+from sortedllm.stats import paired_difference, paired_ratio  # noqa: E402
 
 # Display names of the model names experiments/paper.sh passes to `--names`.
 LABELS = {"soft": "SoFT", "sft": "SFT", "sft-ict": "SFT+ICT", "soft-ict": "SoFT+ICT", "soft-lora": "SoFT+LoRA",
@@ -288,6 +289,10 @@ def sample_of(task: str, metric: str, per_model: dict, detail: dict) -> Sample:
                       f"results.json holds no per-question rows)", interval)
     if task == "loss":
         tokens = [e["tokens"] for e in entries if isinstance(e.get("tokens"), int)]
+        if entries and all("row_loss" in e for e in entries):
+            rows = [e["rows"] for e in entries]
+            return Sample(f"{span(rows)} held-out rows ({span(tokens)} tokens) per exit; paired bootstrap 95% "
+                          "interval over rows of each difference", loss_interval)
         return Sample(f"{span(tokens)} held-out tokens per exit; "
                       + NO_ROWS.format(file="results.json", what="each exit's mean loss", row="row"))
     prompts = detail.get("n_prompts")
@@ -295,6 +300,13 @@ def sample_of(task: str, metric: str, per_model: dict, detail: dict) -> Sample:
     size = (f"{prompts} prompts" if prompts else "prompts not recorded") + (
         f" ({span(positions)} positions per exit)" if positions else "")
     return Sample(f"{size}; " + NO_ROWS.format(file="results.json", what="means over positions", row="prompt"))
+
+
+def loss_interval(ea: dict, eb: dict):
+    """95% interval of loss(a) - loss(b) at one exit, the held-out rows resampled jointly (same rows, same tokens)."""
+    if ea.get("row_tokens") != eb.get("row_tokens"):
+        return None
+    return paired_difference(ea["row_loss"], eb["row_loss"], ea["row_tokens"])
 
 
 # ---------------------------------------------------------------------------------------------------- verdicts
@@ -926,6 +938,88 @@ def draft_section(res: dict | None, shown: str, v: Verdicts | None, figs: Path, 
     return out + ["", f"Command: `{evaluate_command(res, shown)}`"]
 
 
+# ------------------------------------------------------------------------------------------ SoFT loss ablation
+
+ABLATION_BUDGETS = [("quick", "Quickstart budget (40 steps, 160 GSM8K rows)"),
+                    ("gsm8k", "GSM8K, 250 steps"), ("alpaca", "Alpaca, 250 steps")]
+ABLATION_VARIANTS = {  # experiments/soft_ablation.sh's variants
+    "sft": "SFT (`--mode sft`)",
+    "uniform": "SoFT, the paper's loss (`--exit_optimizer joint`)",
+    "split": "SoFT, split optimizer streams (`--exit_optimizer split`)",
+    "w75": "SoFT, last exit weighted 0.75, lr 1.41e-4 (`--exit_optimizer joint --exit_schedule weights`)",
+}
+ABLATION_DEFAULT = "split"  # SoFTConfig.exit_optimizer's default (sortedllm/train/trainer.py)
+LAST_LIMIT, SHALLOW_LIMIT = 1.02, 1.10  # the last exit against SFT; intermediate exits against uniform SoFT
+
+
+def ratio_cell(r: dict) -> str:
+    return f"{r['ratio']:.3f} [{r['ci95'][0]:.3f}, {r['ci95'][1]:.3f}]"
+
+
+def within(r: dict, limit: float) -> str:
+    """Whether a ratio's 95% interval lies below `limit` ("yes"), above it ("no"), or contains it."""
+    lo, hi = r["ci95"]
+    return "yes" if hi <= limit else "no" if lo > limit else "no difference"
+
+
+def ablation_ratios(per_model: dict, name: str) -> tuple[dict | None, list[tuple[int, dict]]]:
+    """(last exit vs SFT's, [(exit, intermediate exit vs uniform SoFT's)]) as paired ratios over held-out rows."""
+    exits = exits_of(per_model)
+    entry = lambda m, k: per_model.get(m, {}).get(str(k))  # noqa: E731
+    last = entry(name, exits[-1]), entry("sft", exits[-1])
+    vs_sft = paired_ratio(last[0]["row_loss"], last[1]["row_loss"]) if all(last) else None
+    shallow = [(k, paired_ratio(entry(name, k)["row_loss"], entry("uniform", k)["row_loss"]))
+               for k in exits[:-1] if name != "uniform" and entry(name, k) and entry("uniform", k)]
+    return vs_sft, shallow
+
+
+def ablation_budget(res: dict, title: str, key: str, v: Verdicts) -> list[str]:
+    per_model = res["tasks"]["loss"]
+    names = [n for n in ABLATION_VARIANTS if n in per_model]
+    exits = exits_of(per_model)
+    rows = [[str(k)] + [f"{fmt(value(per_model, n, k, 'loss'))} [{per_model[n][str(k)]['ci95'][0]:.3f}, "
+                        f"{per_model[n][str(k)]['ci95'][1]:.3f}]" for n in names] for k in exits]
+    n_rows = per_model[names[0]][str(exits[-1])]["rows"]
+    out = [f"### {title}", "", f"Held-out loss per exit, {n_rows} held-out rows, 95% bootstrap interval over rows:", ""]
+    out += table(["exit"] + [label(n) if n == "sft" else n for n in names], rows) + [""]
+    summary = []
+    for n in names:
+        if n == "sft":
+            continue
+        vs_sft, shallow = ablation_ratios(per_model, n)
+        worst = max(shallow, key=lambda kr: kr[1]["ratio"]) if shallow else None
+        summary.append([n, ratio_cell(vs_sft) if vs_sft else "-",
+                        f"{worst[0]}: {ratio_cell(worst[1])}" if worst else "-"])
+        if n == ABLATION_DEFAULT and vs_sft:
+            sample = f"{n_rows} held-out rows; paired bootstrap 95% interval over rows"
+            v.add(f"({key}) default SoFT's last exit is at most {LAST_LIMIT}x SFT's held-out loss",
+                  within(vs_sft, LAST_LIMIT), ratio_cell(vs_sft), sample, "SoFT's last layer roughly ties SFT's",
+                  "reproduces" if within(vs_sft, LAST_LIMIT) == "yes" else "does not reproduce")
+            if shallow:
+                answers = [within(r, SHALLOW_LIMIT) for _, r in shallow]
+                answer = "yes" if all(a == "yes" for a in answers) else "no" if "no" in answers else "no difference"
+                v.add(f"({key}) default SoFT's intermediate exits are at most {SHALLOW_LIMIT}x uniform SoFT's loss",
+                      answer, ", ".join(f"{k}: {ratio_cell(r)}" for k, r in shallow), sample, "-",
+                      "beyond the paper")
+    out += [f"Ratios (paired over the same rows): the last exit against SFT's (target at most {LAST_LIMIT}x), and "
+            f"the intermediate exit that loses most against uniform SoFT's (target at most {SHALLOW_LIMIT}x):", ""]
+    out += table(["variant", "last exit / SFT", "worst intermediate / uniform"], summary)
+    return out + ["", f"Command: `bash experiments/soft_ablation.sh {key}`", ""]
+
+
+def ablation_section(results_dir: Path, v: Verdicts) -> list[str]:
+    out = ["Which SoFT loss costs the full model least, beside SFT on the same rows and steps. Variants:", ""]
+    out += [f"- `{n}`: {d}" + (" — the default of `--mode soft`" if n == ABLATION_DEFAULT else "")
+            for n, d in ABLATION_VARIANTS.items()] + [""]
+    for key, title in ABLATION_BUDGETS:
+        res = load_json(results_dir / f"ablation-{key}" / "results.json")
+        if not res:
+            out += [f"*{title}: not run yet (`bash experiments/soft_ablation.sh {key}`).*", ""]
+            continue
+        out += ablation_budget(res, title, key, v)
+    return out[:-1]  # the caller opens the next section with its own blank line
+
+
 # ---------------------------------------------------------------------------------------------------- main
 
 def build(results_dir: Path, bench_dir: Path, root: Path, figs: Path, rel: str, shown_results: str) -> str:
@@ -964,6 +1058,8 @@ def build(results_dir: Path, bench_dir: Path, root: Path, figs: Path, rel: str, 
         out += draft_section(load_json(results_dir / name / "results.json"), f"{shown_results}/{name}",
                              v if last else None, figs, rel, "" if name == DRAFT_QUALITY else f"_{steps}")
     out += draft_layer_section(results_dir, shown_results, v)
+    out += ["", "## 7. SoFT loss ablation: what the full model pays for the sub-models", ""]
+    out += ablation_section(results_dir, v)
     out += ["", "## Verdict", "",
             "Computed from the numbers above. Every verdict states its sample. Where the JSON holds what an interval "
             "needs (a proportion's count and n, or per-round rows), a difference comes with its 95% interval: a Wilson "

@@ -38,3 +38,17 @@ def paired_ratio(a, b, resamples: int = RESAMPLES, seed: int = 0, level: float =
     lo, hi = ratio_interval(a, b, resamples, seed, level)
     verdict = "higher" if lo > 1 else "lower" if hi < 1 else "no difference"
     return {"ratio": ratio, "ci95": [lo, hi], "n": int(len(a)), "verdict": verdict}
+
+
+def paired_difference(a, b, denominator, resamples: int = RESAMPLES, seed: int = 0,
+                      level: float = LEVEL) -> tuple[float, float]:
+    """Percentile interval of sum(a)/sum(den) - sum(b)/sum(den): two models' per-token means over the same rows
+    (e.g. per-row loss sums and token counts), the rows resampled jointly."""
+    a, b = np.asarray(a, dtype=float), np.asarray(b, dtype=float)
+    den = np.asarray(denominator, dtype=float)
+    if len(a) == 0:
+        return float("nan"), float("nan")
+    idx = _indices(len(a), resamples, seed)
+    stats = (a[idx].sum(1) - b[idx].sum(1)) / np.maximum(den[idx].sum(1), 1e-300)
+    tail = (1 - level) / 2
+    return float(np.quantile(stats, tail)), float(np.quantile(stats, 1 - tail))

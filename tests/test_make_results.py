@@ -82,6 +82,11 @@ def verdict_rows(md: str) -> list[list[str]]:
     return [[c.strip() for c in row.strip("|").split("|")] for row in rows]
 
 
+def shift_loss(entry: dict, ref: dict, delta: float):
+    """Make an exit's loss entry `ref`'s plus `delta` per token on every held-out row (same rows, same tokens)."""
+    entry.update(loss=ref["loss"] + delta, row_loss=[r + delta * t for r, t in zip(ref["row_loss"], ref["row_tokens"])])
+
+
 def set_accuracy(path: Path, counts: dict, n: int = 60):
     """Rewrite a gsm8k results.json: counts = {model: {exit: correct answers out of n}}."""
     res = json.loads(path.read_text())
@@ -108,14 +113,17 @@ def test_report_from_real_evaluations(evaluated, tmp_path):
         cells = [f"**{v:.3f}**" if v == min(vals) else f"{v:.3f}" for v in vals]
         assert f"| {k} | {' | '.join(cells)} |" in md
 
-    # The verdict is computed from those numbers.
-    better = sum(loss["soft"][k]["loss"] < loss["sft"][k]["loss"] for k in ("2", "4"))
+    # The verdict is computed from those numbers: an exit counts only when the paired interval over held-out rows
+    # excludes zero.
+    sides = [mr.side(*mr.loss_interval(loss["soft"][k], loss["sft"][k]), False) for k in ("2", "4")]
+    better, worse = sides.count("better"), sides.count("worse")
     row = verdict(md, "SoFT beats SFT at every intermediate exit on held-out loss")
-    assert row[1] == ("yes" if better == 2 else "no") and row[2].startswith(f"{better} of 2 exits")
-    assert row[5] == {2: "reproduces", 1: "does not reproduce", 0: "does not reproduce"}[better]
-    tokens = loss["soft"]["2"]["tokens"]  # held-out loss keeps only means: its size, and no interval
-    assert row[3] == f"{tokens:,} held-out tokens per exit; no 95% interval: results.json holds each exit's mean " \
-                     f"loss, not per-row values"
+    assert row[1] == ("yes" if better == 2 else "no difference" if better == worse == 0 else "no")
+    assert row[2].startswith(f"better at {better} of 2 exits, worse at {worse}")
+    tokens = loss["soft"]["2"]["tokens"]
+    rows_n = loss["soft"]["2"]["rows"]
+    assert row[3] == f"{rows_n} held-out rows ({tokens:,} tokens) per exit; paired bootstrap 95% interval over rows " \
+                     f"of each difference"
     data = json.loads((results / "quick-loss" / "results.json").read_text())["details"]["loss"]["data"]
     assert f"Held-out data: `{data}`, {tokens:,} tokens per exit." in md
 
@@ -187,18 +195,19 @@ def test_changing_a_number_changes_table_and_verdict(evaluated, tmp_path):
     res = json.loads(path.read_text())
     loss = res["tasks"]["loss"]
     for k in ("2", "4"):  # SoFT now clearly better than SFT at both intermediate exits
-        loss["soft"][k]["loss"] = loss["sft"][k]["loss"] - 0.5
+        shift_loss(loss["soft"][k], loss["sft"][k], -0.5)
     path.write_text(json.dumps(res))
     md = render(results, bench, tmp_path / "a")
     assert verdict(md, "SoFT beats SFT at every intermediate exit on held-out loss")[1:2] == ["yes"]
     assert f"**{loss['soft']['2']['loss']:.3f}**" in md
 
     for k in ("2", "4"):  # ...and now clearly worse
-        loss["soft"][k]["loss"] = loss["sft"][k]["loss"] + 0.5
+        shift_loss(loss["soft"][k], loss["sft"][k], 0.5)
     path.write_text(json.dumps(res))
     md2 = render(results, bench, tmp_path / "b")
     row = verdict(md2, "SoFT beats SFT at every intermediate exit on held-out loss")
-    assert row[1] == "no" and row[2].startswith("0 of 2 exits") and row[5] == "does not reproduce"
+    assert row[1] == "no" and row[2].startswith("better at 0 of 2 exits, worse at 2")
+    assert row[5] == "does not reproduce"
     assert f"{loss['soft']['4']['loss']:.3f}" in md2 and md2 != md
 
     assert "Run `python benchmarks/bench_decode.py --threads 1`" in md2
@@ -221,7 +230,7 @@ def test_longest_equal_steps_draft_comparison_gives_the_verdict(evaluated, tmp_p
     res = json.loads(path.read_text())
     loss = res["tasks"]["loss"]
     for k in ("2", "4"):  # at 225 steps the distilled model wins at both intermediate exits; at 40 it need not
-        loss["soft-distill"][k]["loss"] = loss["soft"][k]["loss"] - 0.25
+        shift_loss(loss["soft-distill"][k], loss["soft"][k], -0.25)
     path.write_text(json.dumps(res))
     md = render(results, tmp_path / "no-bench", tmp_path / "docs")
     assert "### 40 steps each" in md and "### 225 steps each" in md
@@ -250,14 +259,15 @@ def test_a_budget_shows_only_the_experiments_it_runs(evaluated, tmp_path):
     del res["models"]["sft-ict"], res["tasks"]["loss"]["sft-ict"]
     loss = res["tasks"]["loss"]
     for k in ("2", "4"):  # SoFT worse than SFT at both intermediate exits: the Alpaca verdict must say no
-        loss["soft"][k]["loss"] = loss["sft"][k]["loss"] + 0.5
+        shift_loss(loss["soft"][k], loss["sft"][k], 0.5)
     (results / "alpaca-loss" / "results.json").write_text(json.dumps(res))
     md = render(results, tmp_path / "no-bench", tmp_path / "c")
     alpaca = md[md.index("## Longer budget (Alpaca, 250 steps)"):md.index("## Quickstart budget")]
     assert "### 1. SoFT vs SFT at every exit" in alpaca and "| exit | SoFT | SFT |\n" in alpaca
     assert "experiments/configs/paper-alpaca.yaml --mode soft --output_dir runs/paper/alpaca-soft" in alpaca
     row = verdict(md, "(alpaca) SoFT beats SFT at every intermediate exit on held-out loss")
-    assert row[1] == "no" and row[2].startswith("0 of 2 exits") and row[5] == "does not reproduce"
+    assert row[1] == "no" and row[2].startswith("better at 0 of 2 exits, worse at 2")
+    assert row[5] == "does not reproduce"
     assert verdict(md, "(quick) SoFT beats SFT at every intermediate exit on held-out loss")  # both budgets, apart
 
 
@@ -414,3 +424,39 @@ def test_committed_results_hold_no_machine_paths():
     bad = [(f.relative_to(ROOT), s) for f in files for s in strings(json.loads(f.read_text()))
            if s.startswith(("/", "~")) or str(ROOT) in s]
     assert not bad, bad
+
+
+def scaled(entry: dict, factor: float) -> dict:
+    """An exit's loss entry with every held-out row's loss multiplied by `factor` (same rows, same tokens)."""
+    rows = [x * factor for x in entry["row_loss"]]
+    return {**entry, "row_loss": rows, "loss": sum(rows) / entry["tokens"],
+            "ci95": [c * factor for c in entry["ci95"]]}
+
+
+def test_ablation_section_judges_the_default_by_paired_intervals(evaluated, tmp_path):
+    results, _ = evaluated
+    base = json.loads((results / "quick-loss" / "results.json").read_text())
+    sft = base["tasks"]["loss"]["sft"]
+    assert all("row_loss" in e and e["rows"] >= 1 for e in sft.values())
+
+    def write(last_factor: float, shallow_factor: float) -> str:
+        uniform = {k: scaled(e, 2.0) for k, e in sft.items()}
+        last = max(sft, key=int)
+        split = {k: scaled(e, 2.0 * shallow_factor) for k, e in sft.items()}
+        split[last] = scaled(sft[last], last_factor)
+        res = {**base, "tasks": {"loss": {"sft": sft, "uniform": uniform, "split": split}}}
+        folder = tmp_path / "r" / "ablation-quick"
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / "results.json").write_text(json.dumps(res))
+        return render(tmp_path / "r", tmp_path / "bench", tmp_path / f"out{last_factor}")
+
+    (tmp_path / "bench").mkdir()
+    md = write(1.0, 1.0)
+    assert "## 7. SoFT loss ablation" in md and "bash experiments/soft_ablation.sh quick" in md
+    assert "*GSM8K, 250 steps: not run yet (`bash experiments/soft_ablation.sh gsm8k`).*" in md
+    row = verdict(md, "(quick) default SoFT's last exit is at most 1.02x SFT's held-out loss")
+    assert row[1] == "yes" and row[2].startswith("1.000 [1.000, 1.000]") and "held-out rows" in row[3]
+    assert verdict(md, "(quick) default SoFT's intermediate exits are at most 1.1x uniform SoFT's loss")[1] == "yes"
+    md = write(1.5, 1.3)
+    assert verdict(md, "(quick) default SoFT's last exit is at most 1.02x SFT's held-out loss")[1] == "no"
+    assert verdict(md, "(quick) default SoFT's intermediate exits are at most 1.1x uniform SoFT's loss")[1] == "no"
