@@ -416,7 +416,8 @@ def main(argv: list[str] | None = None) -> int:
             rows += [method_row(sm, task, m, acc, examples) for m in methods]
         static_rows = static_depth_study(sm, drafts, a.max_new_tokens, a)
         batch_rows = batch_study(sm, a, drafts)
-    result = {"model": shown_path(model_path), "model_note": model_note(model_path), "num_layers": sm.num_layers, "exits": sm.exits,
+    result = {"model": shown_path(model_path), "model_note": model_note(model_path), "num_layers": sm.num_layers,
+              "exits": sm.exits,
               "settings": {"prompts_per_task": a.prompts, "max_new_tokens": a.max_new_tokens, "batch_size": 1,
                            "draft_exits": drafts, "hf_exits": hf_exits, "threads": a.threads, "dtype": a.dtype,
                            "runtime_dtype": kernel_costs["dtype"], "draft_layer": layer_file, **calibration,
