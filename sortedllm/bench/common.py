@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import os
 import platform
-import statistics
 import time
 from pathlib import Path
 
@@ -106,17 +105,6 @@ class Clock:
     def __exit__(self, *exc) -> None:
         self.wall = time.perf_counter() - self._t
         self.cpu = time.process_time() - self._c
-
-
-def median_time(fn, reps: int) -> float:
-    """Median wall seconds of `fn()` over `reps` calls after one warm-up call."""
-    fn()
-    times = []
-    for _ in range(reps):
-        with Clock() as c:
-            fn()
-        times.append(c.wall)
-    return statistics.median(times)
 
 
 def speedup(base_per_token, method_per_token) -> dict:
