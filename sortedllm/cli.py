@@ -16,6 +16,7 @@ COMMANDS = {
     "evaluate": ("sortedllm.evaluate.cli", "per-exit evaluation of a checkpoint (loss, tasks, report)"),
     "export": ("sortedllm.export", "write sub-models (first k layers) as ordinary HF models, optionally GGUF"),
     "generate": ("sortedllm.inference.cli", "generate text: static exit, self-speculative decoding, early exit"),
+    "bench": ("sortedllm.bench", "benchmarks: bench train | decode | batch | kernels (JSON under benchmarks/results)"),
 }
 
 USAGE = "usage: sortedllm <command> [--debug] [options]\n\ncommands:\n" + "\n".join(
