@@ -5,6 +5,7 @@
 #   bash experiments/soft_ablation.sh quick     # the quickstart budget: 40 steps on 160 GSM8K rows (~10 min a run)
 #   bash experiments/soft_ablation.sh gsm8k     # the 250-step GSM8K budget (experiments/configs/paper-gsm8k.yaml)
 #   bash experiments/soft_ablation.sh alpaca    # the winner confirmed on Alpaca (paper-alpaca.yaml)
+#   bash experiments/soft_ablation.sh quick train|eval   # one half only (e.g. trainings side by side: VARIANTS=split)
 #
 # Variants (each one flag set on top of the budget's config):
 #   sft      --mode sft                                     the baseline
@@ -25,6 +26,8 @@ gsm8k | alpaca) CONFIG=experiments/configs/paper-$1.yaml ;;
 *) fail "unknown budget '$1'; usage: $0 quick|gsm8k|alpaca" ;;
 esac
 BUDGET=$1
+STAGE=${2:-all}
+case $STAGE in train | eval | all) ;; *) fail "unknown stage '$STAGE': use train, eval or all" ;; esac
 [ -f .venv/bin/activate ] || fail "no .venv here: run 'bash scripts/setup.sh' first"
 . .venv/bin/activate
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
@@ -43,6 +46,7 @@ flags() {
 }
 
 for v in $VARIANTS; do
+    [ "$STAGE" = eval ] && break
     dir=$RUNS/$BUDGET-$v
     if [ -f "$dir/final/sorted_config.json" ]; then echo "have $dir/final"; continue; fi
     resume=""; [ "$BUDGET" = quick ] || resume="--resume auto"
@@ -50,6 +54,7 @@ for v in $VARIANTS; do
     sortedllm train --config "$CONFIG" $(flags "$v") --output_dir "$dir" $resume
 done
 
+[ "$STAGE" = train ] && exit 0
 out=experiments/results/ablation-$BUDGET
 if [ -f "$out/results.json" ]; then echo "have $out"; exit 0; fi
 set -- $VARIANTS

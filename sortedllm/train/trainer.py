@@ -23,7 +23,7 @@ from .schedules import make_schedule
 from .split import SplitAdamW
 
 MODES = ("soft", "sft", "ict", "draft")
-EXIT_OPTIMIZERS = ("split", "joint")
+EXIT_OPTIMIZERS = ("auto", "split", "joint")
 
 
 @dataclass
@@ -54,10 +54,11 @@ class SoFTConfig(SFTConfig):
         "help": "Which exits contribute each step: uniform (all, the paper), weights, sample:n or rotate."})
     exit_weights: str | None = field(default=None, metadata={
         "help": "Per-exit loss weights for exit_schedule=weights, comma-separated in exit order."})
-    exit_optimizer: str = field(default="split", metadata={
-        "help": "split (default): the last exit's gradient and the other exits' gradient each get their own AdamW "
-                "moments, so the full model gets SFT's update (train/split.py); joint: one AdamW on the weighted sum "
-                "(the paper's loss)."})
+    exit_optimizer: str = field(default="auto", metadata={
+        "help": "split: the last exit's gradient and the other exits' gradient each get their own AdamW moments, so "
+                "the shallow exits' larger gradients do not starve the full model's update (train/split.py; two "
+                "more moment buffers); joint: one AdamW on the weighted sum (the paper's SoFT); auto (default): "
+                "split where it applies (SoFT, AdamW, no FSDP/DeepSpeed), else joint."})
     loss_impl: str = field(default="auto", metadata={
         "help": "Linear + cross-entropy path: auto (cut-cross-entropy on a CUDA GPU, else chunked), chunked, cce, "
                 "trl or dense (full logits of the labelled positions; reference)."})
@@ -85,7 +86,7 @@ class SoFTConfig(SFTConfig):
                    "are not distilled"}.get(self.mode, "distils into the draft layer by itself")
             raise SortedError(f"distill_alpha needs mode soft (mode {self.mode} {why}); set --distill_alpha 0")
         if self.exit_optimizer not in EXIT_OPTIMIZERS:
-            raise SortedError(f"unknown exit_optimizer '{self.exit_optimizer}': use split or joint")
+            raise SortedError(f"unknown exit_optimizer '{self.exit_optimizer}': use auto, split or joint")
         # a clear error now for an unknown or unavailable loss_impl
         resolve_impl(self.loss_impl, torch.device("cuda" if torch.cuda.is_available() else "cpu"),
                      distill=self.distill_alpha > 0)
@@ -124,6 +125,10 @@ class SoFTTrainer(SFTTrainer):
                                                    "temperature": args.distill_temperature}
         self.schedule = make_schedule(args.exit_schedule, trained_exits(args.mode, exits), args.exit_weights,
                                       seed=args.seed)
+        if args.exit_optimizer == "auto":  # resolved here, where the optimizer class and the sharding are known
+            adamw = SFTTrainer.get_optimizer_cls_and_kwargs(args, self.model)[0] is torch.optim.AdamW
+            sharded = self.is_fsdp_enabled or self.is_deepspeed_enabled
+            args.exit_optimizer = "split" if adamw and not sharded else "joint"
         self.split = split_streams(args) and len(trained_exits(args.mode, exits)) > 1
         if args.mode == "soft":
             self.sorted_config.extra["exit_optimizer"] = args.exit_optimizer

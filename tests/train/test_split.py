@@ -143,3 +143,18 @@ def test_soft_trainer_split_logs_every_exit(tiny, tmp_path):
     assert isinstance(getattr(trainer.optimizer, "optimizer", trainer.optimizer), SplitAdamW)
     assert trainer.sorted_config.extra["exit_optimizer"] == "split"
     assert all(logs[-1][f"loss_exit_{k}"] < logs[0][f"loss_exit_{k}"] for k in (2, 4, 6))
+
+
+@pytest.mark.parametrize("arch_name", ["llama"], indirect=True)
+@pytest.mark.parametrize("optim, expect", [("adamw_torch", "split"), ("sgd", "joint")])
+def test_auto_exit_optimizer_splits_only_where_it_applies(tiny, tmp_path, optim, expect):
+    from sortedllm.data import encode_dataset, load_examples
+    from sortedllm.train.trainer import SoFTConfig, SoFTTrainer
+
+    model, tok = tiny
+    args = SoFTConfig(output_dir=str(tmp_path / "out"), max_steps=1, report_to=[], exits="2,4,6", optim=optim,
+                      disable_tqdm=True, save_strategy="no", max_length=96)
+    assert args.exit_optimizer == "auto"
+    ds = encode_dataset(tok, load_examples("gsm8k", limit=4), 96)
+    trainer = SoFTTrainer(model=model, args=args, train_dataset=ds, processing_class=tok)
+    assert trainer.sorted_config.extra["exit_optimizer"] == expect and trainer.split == (expect == "split")
