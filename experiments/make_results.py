@@ -947,6 +947,8 @@ ABLATION_VARIANTS = {  # experiments/soft_ablation.sh's variants
     "uniform": "SoFT, the paper's loss (`--exit_optimizer joint`)",
     "split": "SoFT, split optimizer streams (`--exit_optimizer split`)",
     "w75": "SoFT, last exit weighted 0.75, lr 1.41e-4 (`--exit_optimizer joint --exit_schedule weights`)",
+    "w75base": "the same weights at the budget's learning rate (is it the weights or the rate?)",
+    "sft141": "SFT at lr 1.41e-4 (does SFT gain as much from the higher rate?)",
 }
 ABLATION_DEFAULT = "split"  # SoFTConfig.exit_optimizer's default (sortedllm/train/trainer.py)
 LAST_LIMIT, SHALLOW_LIMIT = 1.02, 1.10  # the last exit against SFT; intermediate exits against uniform SoFT
@@ -968,8 +970,9 @@ def ablation_ratios(per_model: dict, name: str) -> tuple[dict | None, list[tuple
     entry = lambda m, k: per_model.get(m, {}).get(str(k))  # noqa: E731
     last = entry(name, exits[-1]), entry("sft", exits[-1])
     vs_sft = paired_ratio(last[0]["row_loss"], last[1]["row_loss"]) if all(last) else None
+    soft = not name.startswith(("uniform", "sft"))  # a SoFT variant other than the reference
     shallow = [(k, paired_ratio(entry(name, k)["row_loss"], entry("uniform", k)["row_loss"]))
-               for k in exits[:-1] if name != "uniform" and entry(name, k) and entry("uniform", k)]
+               for k in exits[:-1] if soft and entry(name, k) and entry("uniform", k)]
     return vs_sft, shallow
 
 
@@ -1016,6 +1019,9 @@ def ablation_section(results_dir: Path, v: Verdicts) -> list[str]:
         if not res:
             out += [f"*{title}: not run yet (`bash experiments/soft_ablation.sh {key}`).*", ""]
             continue
+        extra = load_json(results_dir / f"ablation-{key}-lr" / "results.json")  # more variants, the same rows
+        if extra:
+            res["tasks"]["loss"] = {**res["tasks"]["loss"], **extra["tasks"]["loss"]}
         out += ablation_budget(res, title, key, v)
     return out[:-1]  # the caller opens the next section with its own blank line
 

@@ -14,6 +14,8 @@
 #                                                           exits' gradients get their own Adam moments (train/split.py)
 #   w75      --exit_optimizer joint, last exit weight 0.75  one AdamW, the last exit given 3/4 of the loss, lr 1.41e-4
 #                                                           so the intermediate exits' step stays near uniform's
+#   w75base  the same at the budget's own learning rate      (is it the weights or the learning rate?)
+#   sft141   SFT at lr 1.41e-4                              (would SFT gain as much from the higher rate?)
 # Output: experiments/results/ablation-<budget>/results.json (docs/results.md, "SoFT loss ablation").
 # Checkpoints go to runs/ablation/<budget>-<variant>/ (not committed); a finished run or evaluation is skipped.
 set -euo pipefail
@@ -41,6 +43,8 @@ flags() {
     uniform) echo "--exit_schedule uniform --exit_optimizer joint" ;;
     split) echo "--exit_schedule uniform --exit_optimizer split" ;;
     w75) echo "--exit_optimizer joint --exit_schedule weights --exit_weights 1,1,1,1,1,1,1,21 --learning_rate 1.41e-4" ;;
+    w75base) echo "--exit_optimizer joint --exit_schedule weights --exit_weights 1,1,1,1,1,1,1,21" ;;
+    sft141) echo "--mode sft --learning_rate 1.41e-4" ;;
     *) fail "unknown variant '$1'" ;;
     esac
 }
@@ -55,7 +59,7 @@ for v in $VARIANTS; do
 done
 
 [ "$STAGE" = train ] && exit 0
-out=experiments/results/ablation-$BUDGET
+out=experiments/results/${NAME:-ablation-$BUDGET}   # NAME: another folder for extra variants
 if [ -f "$out/results.json" ]; then echo "have $out"; exit 0; fi
 set -- $VARIANTS
 first=$1; shift

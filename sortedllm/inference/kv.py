@@ -2,7 +2,7 @@
 
 Every live row of a left-padded batch holds the same number of columns, so one length per slot describes the cache;
 taking drafted tokens back is a length change (`crop`), with no copy. Slots after the model's own layers belong to a
-draft layer's copies (inference/draft_layer.py) and behave the same. Written by hand because transformers'
+draft layer's copies (adapters/draft_layer.py) and behave the same. Written by hand because transformers'
 `StaticCache` writes by position id (left padding gives the rows different positions for one column) and has no crop.
 The decoder layers call `update` exactly as they call a transformers cache.
 """

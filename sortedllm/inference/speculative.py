@@ -44,8 +44,9 @@ from .sampling import Sampling
 
 @dataclass
 class Speculative:
-    """Options: `draft_exit` k (1 <= k < L); `draft_tokens` to start with, or always when not `adaptive`;
-    `max_draft_tokens`; `draft_vocab` restricts the draft head to the model's N most frequent tokens (its saved draft
+    """Options: `draft_exit` k (1 <= k < L); `draft_tokens` per round when not `adaptive` (adaptive rounds take
+    the length the cost table and the running acceptance favour, up to `max_draft_tokens`);
+    `draft_vocab` restricts the draft head to the model's N most frequent tokens (its saved draft
     vocabulary; None or 0 = full head); `draft_confidence` ends a draft early below that top probability (0 = off);
     `backoff` lets it decode plainly when drafting does not pay; `draft_layer` a trained draft layer (or its file or
     folder) that drafts in place of exit k (k must be its exit)."""
