@@ -35,13 +35,14 @@ LABELS = {"soft": "SoFT", "sft": "SFT", "sft-ict": "SFT+ICT", "soft-ict": "SoFT+
           "soft-distill": "SoFT+distill", "untuned": "untuned"}
 
 # Budgets: which results folder holds each experiment, and the trainings behind the models (config, extra args).
+PAPER = ["--exit_schedule", "uniform", "--learning_rate", "1.0e-4"]  # the paper's SoFT, not the quickstart's default
 QUICK_TRAIN = {
-    "soft": ("configs/quickstart.yaml", []),
-    "sft": ("configs/quickstart.yaml", ["--mode", "sft", "--output_dir", "runs/sft"]),
+    "soft": ("configs/quickstart.yaml", PAPER),
+    "sft": ("configs/quickstart.yaml", ["--mode", "sft", "--learning_rate", "1.0e-4", "--output_dir", "runs/sft"]),
     "sft-ict": ("configs/ict.yaml", ["--base", "runs/sft/final"]),
     "soft-ict": ("configs/ict.yaml", ["--base", "runs/quickstart/final", "--output_dir", "runs/soft-ict"]),
     "soft-lora": ("configs/lora.yaml", []),
-    "soft-distill": ("configs/quickstart.yaml", ["--distill_alpha", "0.8", "--output_dir", "runs/distill40"]),
+    "soft-distill": ("configs/quickstart.yaml", PAPER + ["--distill_alpha", "0.8", "--output_dir", "runs/distill40"]),
 }
 
 
@@ -946,11 +947,12 @@ ABLATION_VARIANTS = {  # experiments/soft_ablation.sh's variants
     "sft": "SFT (`--mode sft`)",
     "uniform": "SoFT, the paper's loss (`--exit_optimizer joint`)",
     "split": "SoFT, split optimizer streams (`--exit_optimizer split`)",
-    "w75": "SoFT, last exit weighted 0.75, lr 1.41e-4 (`--exit_optimizer joint --exit_schedule weights`)",
+    "w75": "SoFT, last exit weighted 0.75, lr 1.41e-4 (`--exit_schedule last:0.75`, the rate of "
+           "configs/quickstart.yaml)",
     "w75base": "the same weights at the budget's learning rate (is it the weights or the rate?)",
     "sft141": "SFT at lr 1.41e-4 (does SFT gain as much from the higher rate?)",
 }
-ABLATION_DEFAULT = "split"  # SoFTConfig.exit_optimizer's default (sortedllm/train/trainer.py)
+ABLATION_DEFAULT = "w75"  # SoFTConfig's default for mode soft (exit_schedule auto = last:0.75, trainer.py)
 LAST_LIMIT, SHALLOW_LIMIT = 1.02, 1.10  # the last exit against SFT; intermediate exits against uniform SoFT
 
 

@@ -100,9 +100,10 @@ quick_train() {  # quick_train <dir> <args...> : one quick-budget training, skip
 }
 
 train_quick() {
-    quick_train runs/quickstart --config configs/quickstart.yaml &
+    # The paper's SoFT (uniform weights, lr 1e-4), not the quickstart's default loss (docs/results.md 7 compares them).
+    quick_train runs/quickstart --config configs/quickstart.yaml --exit_schedule uniform --learning_rate 1.0e-4 &
     local soft=$!
-    quick_train runs/sft --config configs/quickstart.yaml --mode sft --output_dir runs/sft
+    quick_train runs/sft --config configs/quickstart.yaml --mode sft --learning_rate 1.0e-4 --output_dir runs/sft
     wait "$soft"
     quick_train runs/ict --config configs/ict.yaml --base runs/sft/final &
     local ict=$!
@@ -110,7 +111,7 @@ train_quick() {
     wait "$ict"
     quick_train runs/lora --config configs/lora.yaml &
     local lora=$!
-    quick_train runs/distill40 --config configs/quickstart.yaml --distill_alpha 0.8 --output_dir runs/distill40
+    quick_train runs/distill40 --config configs/quickstart.yaml --exit_schedule uniform --learning_rate 1.0e-4 --distill_alpha 0.8 --output_dir runs/distill40
     wait "$lora"
 }
 

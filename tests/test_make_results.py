@@ -442,9 +442,9 @@ def test_ablation_section_judges_the_default_by_paired_intervals(evaluated, tmp_
     def write(last_factor: float, shallow_factor: float) -> str:
         uniform = {k: scaled(e, 2.0) for k, e in sft.items()}
         last = max(sft, key=int)
-        split = {k: scaled(e, 2.0 * shallow_factor) for k, e in sft.items()}
-        split[last] = scaled(sft[last], last_factor)
-        res = {**base, "tasks": {"loss": {"sft": sft, "uniform": uniform, "split": split}}}
+        w75 = {k: scaled(e, 2.0 * shallow_factor) for k, e in sft.items()}
+        w75[last] = scaled(sft[last], last_factor)
+        res = {**base, "tasks": {"loss": {"sft": sft, "uniform": uniform, "w75": w75}}}
         folder = tmp_path / "r" / "ablation-quick"
         folder.mkdir(parents=True, exist_ok=True)
         (folder / "results.json").write_text(json.dumps(res))

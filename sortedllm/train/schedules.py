@@ -4,6 +4,8 @@ Every schedule is an unbiased estimate of the same objective, the weighted mean 
 `weights` is given), so switching schedule changes the cost per step, not what is optimised:
 - `uniform`: every exit every step (the paper).
 - `weights`: every exit every step with user weights (normalised to sum to 1).
+- `last:w`: every exit every step, the last exit weighted w and the others (1 - w) / (E - 1) each; `last:0.75`
+  is SoFT's default (`auto`), which keeps the full model within a few percent of SFT (docs/results.md 7).
 - `sample:n`: the last exit plus n intermediate exits drawn at random each step, rescaled by (E-1)/n.
 - `rotate`: the last exit plus one intermediate exit per step in turn (LayerSkip's rotational curriculum).
 """
@@ -14,7 +16,7 @@ import random
 
 from ..errors import SortedError
 
-KINDS = ("uniform", "weights", "sample", "rotate")
+KINDS = ("uniform", "weights", "last", "sample", "rotate")
 
 
 class ExitSchedule:
@@ -26,7 +28,7 @@ class ExitSchedule:
 
     def weights(self, step: int) -> dict[int, float]:
         """Loss weight per exit for this optimizer step (the same for every micro-batch and rank)."""
-        if self.kind in ("uniform", "weights") or len(self.exits) == 1:
+        if self.kind in ("uniform", "weights", "last") or len(self.exits) == 1:
             return dict(self.base)
         last, middle = self.exits[-1], self.exits[:-1]
         if self.kind == "rotate":
@@ -40,16 +42,17 @@ class ExitSchedule:
 
 def make_schedule(spec: str | dict, exits: list[int], exit_weights: str | list | None = None,
                   seed: int = 0) -> ExitSchedule:
-    """Parse `uniform`, `weights`, `sample:n` / {sample: n} or `rotate` for the trained exits."""
+    """Parse `uniform`, `weights`, `last:w`, `sample:n` / {sample: n} or `rotate` for the trained exits."""
     if isinstance(spec, dict):
         if len(spec) != 1:
-            raise SortedError(f"exit_schedule {spec} not understood: use uniform, weights, sample:n or rotate")
+            raise SortedError(f"exit_schedule {spec} not understood: use uniform, weights, last:w, sample:n or "
+                              "rotate")
         (kind, arg), = spec.items()
     else:
         kind, _, arg = str(spec).replace("=", ":").partition(":")
     kind = kind.strip()
     if kind not in KINDS:
-        raise SortedError(f"unknown exit_schedule '{spec}': use uniform, weights, sample:n or rotate")
+        raise SortedError(f"unknown exit_schedule '{spec}': use uniform, weights, last:w, sample:n or rotate")
     base = {k: 1 / len(exits) for k in exits}
     n = 0
     if kind == "weights":
@@ -64,6 +67,8 @@ def make_schedule(spec: str | dict, exits: list[int], exit_weights: str | list |
             raise SortedError(f"exit_weights needs {len(exits)} non-negative numbers (one per exit "
                               f"{','.join(map(str, exits))}), got {exit_weights}")
         base = {k: w / sum(ws) for k, w in zip(exits, ws)}
+    elif kind == "last":
+        base = last_weighted(exits, arg, spec)
     elif kind == "sample":
         try:
             n = int(arg)
@@ -74,3 +79,16 @@ def make_schedule(spec: str | dict, exits: list[int], exit_weights: str | list |
     elif arg:
         raise SortedError(f"exit_schedule '{spec}': {kind} takes no argument")
     return ExitSchedule(kind, exits, base, n, seed)
+
+
+def last_weighted(exits: list[int], arg, spec) -> dict[int, float]:
+    """`last:w`: the last exit weighted w, the others sharing 1 - w equally."""
+    try:
+        w = float(arg)
+    except (TypeError, ValueError):
+        raise SortedError(f"exit_schedule '{spec}': last needs the last exit's weight, e.g. last:0.75")
+    if not 0 < w <= 1:
+        raise SortedError(f"exit_schedule '{spec}': the last exit's weight must be in (0, 1]")
+    if len(exits) == 1:
+        return {exits[0]: 1.0}
+    return {**{k: (1 - w) / (len(exits) - 1) for k in exits[:-1]}, exits[-1]: w}

@@ -150,3 +150,18 @@ def test_trainer_draws_exits_per_optimizer_step(tiny, tmp_path):
     assert calls == [0, 0, 1, 1]
     logged = [h for h in trainer.state.log_history if "loss_exit_6" in h]
     assert len(logged) == 2  # the last exit every step; intermediate exits only on the steps that drew them
+
+
+def test_last_weighted_schedule_and_the_soft_default():
+    from sortedllm.train.trainer import SOFT_SCHEDULE, SoFTConfig
+
+    s = make_schedule("last:0.75", [9, 18, 30])
+    assert s.weights(0) == {9: 0.125, 18: 0.125, 30: 0.75} == s.eval_weights()
+    assert make_schedule("last:0.75", [30]).weights(3) == {30: 1.0}
+    for bad in ("last", "last:0", "last:1.5", "last:x"):
+        with pytest.raises(SortedError, match="last"):
+            make_schedule(bad, [9, 30])
+    assert SoFTConfig(output_dir="o", report_to=[]).exit_schedule == SOFT_SCHEDULE == "last:0.75"
+    assert SoFTConfig(output_dir="o", report_to=[], mode="sft").exit_schedule == "uniform"
+    assert SoFTConfig(output_dir="o", report_to=[], mode="ict").exit_schedule == "uniform"
+    assert SoFTConfig(output_dir="o", report_to=[], exit_schedule="uniform").exit_schedule == "uniform"

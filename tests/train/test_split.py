@@ -153,8 +153,7 @@ def test_auto_exit_optimizer_splits_only_where_it_applies(tiny, tmp_path, optim,
 
     model, tok = tiny
     args = SoFTConfig(output_dir=str(tmp_path / "out"), max_steps=1, report_to=[], exits="2,4,6", optim=optim,
-                      disable_tqdm=True, save_strategy="no", max_length=96)
-    assert args.exit_optimizer == "auto"
+                      disable_tqdm=True, save_strategy="no", max_length=96, exit_optimizer="auto")
     ds = encode_dataset(tok, load_examples("gsm8k", limit=4), 96)
     trainer = SoFTTrainer(model=model, args=args, train_dataset=ds, processing_class=tok)
     assert trainer.sorted_config.extra["exit_optimizer"] == expect and trainer.split == (expect == "split")
