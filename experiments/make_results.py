@@ -646,7 +646,9 @@ def decode_section(dec: dict | None, v: Verdicts) -> list[str]:
     layers = dec["num_layers"]
     rows_by = {(r["method"], r["task"]): r for r in dec["rows"]}
     methods = list(dict.fromkeys(r["method"] for r in dec["rows"]))
-    out = [f"`{dec['model']}` ({dec.get('model_note', '')}), {s['prompts_per_task']} prompts per task, up to "
+    note = f" ({dec['model_note']})" if dec.get("model_note") else ""
+    out = [f"`{dec['model']}`{note}, {s['prompts_per_task']} prompts per task, {s.get('runtime_dtype', 'float32')} "
+           f"weights, up to "
            f"{s['max_new_tokens']} new tokens, batch 1, {s.get('threads', '?')} thread. Speedup = time per token of "
            f"plain greedy decoding / the method's (CPU time of the process, methods alternated per prompt in one "
            f"run); `same` = share of prompts with exactly greedy's text; acc = GSM8K accuracy / TriviaQA EM. The "
@@ -690,7 +692,10 @@ def decode_section(dec: dict | None, v: Verdicts) -> list[str]:
         rows.append(cells)
     head = ["method (ours)", "paper row"] + [c for _, t in DECODE_TASKS for c in (f"{t} ours", f"{t} paper")]
     out += table(head, rows)
-    out += ["", "Command: `python benchmarks/bench_decode.py --threads 1` (writes `benchmarks/results/decode.json`)."]
+    cmd = (f"sortedllm bench decode --model {dec['model']} --prompts {s['prompts_per_task']} --max_new_tokens "
+           f"{s['max_new_tokens']} --threads {s['threads']}"
+           + "".join(f" --{k} {','.join(map(str, s[k]))}" for k in ("draft_exits", "hf_exits") if s.get(k)))
+    out += ["", f"Command: `{cmd}` (writes `benchmarks/results/decode.json`)."]
 
     # Verdicts.
     spec = [m for m in methods if m.startswith("self-speculative ")]
@@ -945,7 +950,7 @@ ABLATION_BUDGETS = [("quick", "Quickstart budget (40 steps, 160 GSM8K rows)"),
                     ("gsm8k", "GSM8K, 250 steps"), ("alpaca", "Alpaca, 250 steps")]
 ABLATION_VARIANTS = {  # experiments/soft_ablation.sh's variants
     "sft": "SFT (`--mode sft`)",
-    "uniform": "SoFT, the paper's loss (`--exit_optimizer joint`)",
+    "uniform": "SoFT, the paper's loss (`--exit_schedule uniform`)",
     "split": "SoFT, split optimizer streams (`--exit_optimizer split`)",
     "w75": "SoFT, last exit weighted 0.75, lr 1.41e-4 (`--exit_schedule last:0.75`, the rate of "
            "configs/quickstart.yaml)",

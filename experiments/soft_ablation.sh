@@ -12,8 +12,9 @@
 #   uniform  --exit_optimizer joint                         the paper's loss: every exit weighted 1/8, one AdamW
 #   split    --exit_optimizer split                         the same loss; the last exit's gradient and the other
 #                                                           exits' gradients get their own Adam moments (train/split.py)
-#   w75      --exit_optimizer joint, last exit weight 0.75  one AdamW, the last exit given 3/4 of the loss, lr 1.41e-4
-#                                                           so the intermediate exits' step stays near uniform's
+#   w75      last exit weight 0.75, lr 1.41e-4              one AdamW, the last exit given 3/4 of the loss, the rate
+#                                                           raised so the other exits keep their step: SoFT's default
+#                                                           (exit_schedule auto = last:0.75, configs/quickstart.yaml)
 #   w75base  the same at the budget's own learning rate      (is it the weights or the learning rate?)
 #   sft141   SFT at lr 1.41e-4                              (would SFT gain as much from the higher rate?)
 # Output: experiments/results/ablation-<budget>/results.json (docs/results.md, "SoFT loss ablation").
