@@ -41,10 +41,11 @@ def test_an_untrained_draft_layer_drafts_exactly_as_its_exit(tokenizer):
     row drop."""
     sm = draftable("llama", tokenizer)
     draft = DraftLayer.from_model(sm, shared=2, layers=1, vocab=sm.draft_vocab)
-    plain = summary(generate(sm, PROMPTS, strategy=Speculative(3, draft_vocab=8192), max_new_tokens=24,
-                             batch_size=4))
-    ours = summary(generate(sm, PROMPTS, strategy=Speculative(3, draft_layer=draft), max_new_tokens=24,
-                            batch_size=4))
+    # A fixed draft length: the adaptive one follows the measured cost table, whose timings differ run to run.
+    plain = summary(generate(sm, PROMPTS, strategy=Speculative(3, draft_vocab=8192, adaptive=False),
+                             max_new_tokens=24, batch_size=4))
+    ours = summary(generate(sm, PROMPTS, strategy=Speculative(3, draft_layer=draft, adaptive=False),
+                            max_new_tokens=24, batch_size=4))
     for key in ("drafted", "accepted", "rounds", "emitted"):
         assert ours[key] == plain[key], (key, ours, plain)
     assert 0.05 < ours["acceptance"] < 0.95
