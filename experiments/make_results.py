@@ -883,6 +883,12 @@ def cost_section(rows: list | None, v: Verdicts) -> list[str]:
     return out
 
 
+def below(lo: float, hi: float, limit: float) -> str:
+    """Where a 95% interval puts a ratio against an upper limit: "yes" below it, "no" above it, "no difference" when
+    the interval contains it."""
+    return "yes" if hi < limit else "no" if lo > limit else "no difference"
+
+
 def time_verdict(r: dict, base: dict, limit: float) -> tuple[str, str, str]:
     """Is the method's CPU step time ratio to SFT below `limit`? bench_train.py alternates the methods within each
     round, so a round's ratio to hf_sft is one row; the verdict uses the bootstrap interval of their median (what
@@ -892,7 +898,7 @@ def time_verdict(r: dict, base: dict, limit: float) -> tuple[str, str, str]:
     if isinstance(a, list) and isinstance(b, list) and len(a) == len(b) >= 2:
         ratios = [x / y for x, y in zip(a, b)]
         lo, hi = bootstrap(ratios, median)
-        answer = "yes" if hi < limit else "no" if lo > limit else "no difference"
+        answer = below(lo, hi, limit)
         return (answer, f" ({lo:.3f}x to {hi:.3f}x)",
                 f"{len(ratios)} rounds; bootstrap 95% interval of the median per-round CPU ratio")
     t = r["cpu_time_ratio"]
@@ -967,8 +973,7 @@ def ratio_cell(r: dict) -> str:
 
 def within(r: dict, limit: float) -> str:
     """Whether a ratio's 95% interval lies below `limit` ("yes"), above it ("no"), or contains it."""
-    lo, hi = r["ci95"]
-    return "yes" if hi <= limit else "no" if lo > limit else "no difference"
+    return below(*r["ci95"], limit)
 
 
 def ablation_ratios(per_model: dict, name: str) -> tuple[dict | None, list[tuple[int, dict]]]:

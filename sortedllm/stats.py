@@ -43,12 +43,6 @@ def paired_ratio(a, b, resamples: int = RESAMPLES, seed: int = 0, level: float =
 def paired_difference(a, b, denominator, resamples: int = RESAMPLES, seed: int = 0,
                       level: float = LEVEL) -> tuple[float, float]:
     """Percentile interval of sum(a)/sum(den) - sum(b)/sum(den): two models' per-token means over the same rows
-    (e.g. per-row loss sums and token counts), the rows resampled jointly."""
-    a, b = np.asarray(a, dtype=float), np.asarray(b, dtype=float)
-    den = np.asarray(denominator, dtype=float)
-    if len(a) == 0:
-        return float("nan"), float("nan")
-    idx = _indices(len(a), resamples, seed)
-    stats = (a[idx].sum(1) - b[idx].sum(1)) / np.maximum(den[idx].sum(1), 1e-300)
-    tail = (1 - level) / 2
-    return float(np.quantile(stats, tail)), float(np.quantile(stats, 1 - tail))
+    (e.g. per-row loss sums and token counts), the rows resampled jointly. The difference of two ratios over one
+    denominator is the ratio of the row differences, so `ratio_interval` computes it."""
+    return ratio_interval(np.asarray(a, dtype=float) - np.asarray(b, dtype=float), denominator, resamples, seed, level)
