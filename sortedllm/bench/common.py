@@ -30,15 +30,18 @@ def default_out(name: str) -> str:
     return str(base / RESULTS / name)
 
 
-def parser(name: str, doc: str, dtype: bool = True, threads: int | None = 1) -> ArgumentParser:
-    """`sortedllm bench <name>`'s parser with the options every benchmark takes: --threads, --dtype, --out. Bad
-    options raise SortedError (one line, exit 2)."""
+RUNTIME_DTYPE = ("our runtime's weights: auto (bfloat16 where the CPU has bfloat16 instructions), bfloat16 or "
+                 "float32")
+
+
+def parser(name: str, doc: str, dtype_help: str | None = RUNTIME_DTYPE, threads: int | None = 1) -> ArgumentParser:
+    """`sortedllm bench <name>`'s parser with the options every benchmark takes: --threads, --dtype (unless
+    `dtype_help` is None), --out. Bad options raise SortedError (one line, exit 2)."""
     p = ArgumentParser(prog=f"sortedllm bench {name}", description=doc.strip().splitlines()[0])
     p.add_argument("--threads", type=int, default=threads, help="torch CPU threads (one is fastest on a busy "
                    "2-core machine)" + ("" if threads else "; default: torch's choice"))
-    if dtype:
-        p.add_argument("--dtype", default="auto", help="our runtime's weights: auto (bfloat16 where the CPU has "
-                       "bfloat16 instructions), bfloat16 or float32")
+    if dtype_help:
+        p.add_argument("--dtype", default="auto", help=dtype_help)
     return p
 
 

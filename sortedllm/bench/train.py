@@ -219,7 +219,8 @@ def train_dtype(args) -> str:
 
 
 def build_parser():
-    p = parser("train", __doc__, threads=None)
+    p = parser("train", __doc__, dtype_help="the trained weights' dtype: auto (float32, as training runs here), "
+               "bfloat16 or float32", threads=None)
     p.add_argument("--model", default=DEFAULT_MODEL)
     p.add_argument("--steps", type=int, default=3, help="measured rounds (every method once per round)")
     p.add_argument("--warmup", type=int, default=1, help="unmeasured rounds first")
