@@ -17,6 +17,9 @@
 #                                                           (exit_schedule auto = last:0.75, configs/quickstart.yaml)
 #   w75base  the same at the budget's own learning rate      (is it the weights or the learning rate?)
 #   sft141   SFT at lr 1.41e-4                              (would SFT gain as much from the higher rate?)
+#   w85, w90 last exit weighted 0.85 / 0.9, lr 1.41e-4       the trade-off curve between the last exit and the others
+#   w90hi    last exit weighted 0.9, lr 2e-4                 (does a higher rate buy the others back again?)
+#   w75kd    w75 with self-distillation (--distill_alpha 0.5) what distilling the last exit into the others does
 # Output: experiments/results/ablation-<budget>/results.json (docs/results.md, "SoFT loss ablation").
 # Checkpoints go to runs/ablation/<budget>-<variant>/ (not committed); a finished run or evaluation is skipped.
 set -euo pipefail
@@ -46,6 +49,10 @@ flags() {
     w75) echo "--exit_optimizer joint --exit_schedule weights --exit_weights 1,1,1,1,1,1,1,21 --learning_rate 1.41e-4" ;;
     w75base) echo "--exit_optimizer joint --exit_schedule weights --exit_weights 1,1,1,1,1,1,1,21" ;;
     sft141) echo "--mode sft --learning_rate 1.41e-4" ;;
+    w85) echo "--exit_optimizer joint --exit_schedule last:0.85 --learning_rate 1.41e-4" ;;
+    w90) echo "--exit_optimizer joint --exit_schedule last:0.9 --learning_rate 1.41e-4" ;;
+    w90hi) echo "--exit_optimizer joint --exit_schedule last:0.9 --learning_rate 2.0e-4" ;;
+    w75kd) echo "--exit_optimizer joint --exit_schedule last:0.75 --learning_rate 1.41e-4 --distill_alpha 0.5" ;;
     *) fail "unknown variant '$1'" ;;
     esac
 }

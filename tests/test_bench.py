@@ -52,7 +52,8 @@ def test_kernels_end_to_end(tiny_checkpoint, tmp_path):
                          "--out", str(out)]) == 0
     d = json.loads(out.read_text())
     assert d["sizes"] == [1, 2, 3, 4, 6, 8] and d["dtype"] == "float32" and d["context"] == 16
-    assert {"HF float32", "HF bfloat16", "ours float32", "LM head float32 (ours)", "LM head float32 (HF)"} == \
+    assert {"HF float32", "HF bfloat16", "ours float32", "LM head float32 (ours)", "LM head float32, unpadded oneDNN",
+            "LM head float32 (HF)"} == \
         set(d["methods"])
     for m in d["methods"].values():
         assert set(m["relative"]) == set(m["relative_mean"]) == set(m["relative_ci95"]) == set(map(str, kernels.SIZES))

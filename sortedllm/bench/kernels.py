@@ -72,6 +72,15 @@ def runtime_forward(rt, context: torch.Tensor, new: torch.Tensor, head_only: boo
 
 
 @torch.inference_mode()
+def raw_head(rt, new: torch.Tensor):
+    """f(n): oneDNN's product of n rows with the runtime's packed LM head, not padded (runtime.MIN_ROWS's evidence:
+    which row counts run fastest)."""
+    x = rt.embed(new)[0]
+    head = rt.heads[rt.num_layers][1]
+    return lambda n: torch.ops.mkldnn._linear_pointwise(x[:n], head.weight_packed, head.bias, "none", [], "")
+
+
+@torch.inference_mode()
 def hf_head(sm, new: torch.Tensor):
     """f(n): the HF model's final norm and LM head alone on n hidden states (float32)."""
     h = sm.arch.embed(new)
@@ -151,6 +160,8 @@ def main(argv: list[str] | None = None) -> int:
     runs["HF bfloat16"] = hf_forward(bf16, context, new)
     runs[f"ours {ours}"] = runtime_forward(rt, context, new)
     runs[f"LM head {ours} (ours)"] = runtime_forward(rt, context, new, head_only=True)
+    if rt.device.type == "cpu":
+        runs[f"LM head {ours}, unpadded oneDNN"] = raw_head(rt, new)
     runs["LM head float32 (HF)"] = hf_head(sm, new)
     methods = {}
     for name, run in runs.items():

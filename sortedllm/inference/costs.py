@@ -21,7 +21,7 @@ from ..models import cache_dir
 from .runtime import Columns
 
 SIZES = (1, 2, 3, 4, 5, 6, 8, 10, 12, 16)
-METHOD = 2  # part of the cache key: tables measured another way are measured again
+METHOD = 3  # part of the cache key: tables measured another way are measured again
 CONTEXT = 192  # cached columns the measurement attends over (a typical prompt + part of a reply)
 
 

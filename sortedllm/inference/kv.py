@@ -38,6 +38,7 @@ class KVCache:
     def update(self, key: torch.Tensor, value: torch.Tensor, layer_idx: int, *args, **kwargs):
         """Store the new columns of `layer_idx` and return every column so far (views, no copy)."""
         k, v = self._buffers(layer_idx)
+        key, value = key.to(self.dtype), value.to(self.dtype)  # the cache's dtype may differ (Runtime.new_cache)
         n = key.shape[2]
         if self.writer is not None:  # an unpadded prefill group: its own rows, right-aligned in the batch
             rows, start = self.writer
