@@ -962,6 +962,10 @@ ABLATION_VARIANTS = {  # experiments/soft_ablation.sh's variants
            "configs/quickstart.yaml)",
     "w75base": "the same weights at the budget's learning rate (is it the weights or the rate?)",
     "sft141": "SFT at lr 1.41e-4 (does SFT gain as much from the higher rate?)",
+    "w85": "SoFT, last exit weighted 0.85, lr 1.41e-4 (`--exit_schedule last:0.85`): the trade-off curve",
+    "w90": "SoFT, last exit weighted 0.9, lr 1.41e-4 (`--exit_schedule last:0.9`)",
+    "w90hi": "the same at lr 2e-4 (does a higher rate buy the other exits back again?)",
+    "w75kd": "the default with self-distillation (`--distill_alpha 0.5`): the last exit taught to the others",
 }
 ABLATION_DEFAULT = "w75"  # SoFTConfig's default for mode soft (exit_schedule auto = last:0.75, trainer.py)
 LAST_LIMIT, SHALLOW_LIMIT = 1.02, 1.10  # the last exit against SFT; intermediate exits against uniform SoFT
@@ -1031,9 +1035,10 @@ def ablation_section(results_dir: Path, v: Verdicts) -> list[str]:
         if not res:
             out += [f"*{title}: not run yet (`bash experiments/soft_ablation.sh {key}`).*", ""]
             continue
-        extra = load_json(results_dir / f"ablation-{key}-lr" / "results.json")  # more variants, the same rows
-        if extra:
-            res["tasks"]["loss"] = {**res["tasks"]["loss"], **extra["tasks"]["loss"]}
+        for folder in sorted(results_dir.glob(f"ablation-{key}-*")):  # more variants (NAME=...), the same rows
+            extra = load_json(folder / "results.json")
+            if extra:
+                res["tasks"]["loss"] = {**res["tasks"]["loss"], **extra["tasks"]["loss"]}
         out += ablation_budget(res, title, key, v)
     return out[:-1]  # the caller opens the next section with its own blank line
 
