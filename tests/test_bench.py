@@ -46,6 +46,19 @@ def test_decode_end_to_end(tiny_checkpoint, tmp_path):
     assert any(r["method"] == "self-speculative 2" and "acceptance" in r for r in d["rows"])
 
 
+def test_decode_leaves_out_what_it_is_told_and_judges_each_target(tiny_checkpoint, tmp_path):
+    out = tmp_path / "decode.json"
+    assert decode.main(["--model", str(tiny_checkpoint), "--prompts", "2", "--max_new_tokens", "4", "--tasks", "gsm8k",
+                        "--draft_exits", "2", "--hf_exits", "2", "--skip_hf_assisted", "--skip_early_exit",
+                        "--static_rounds", "0", "--batch_study", "0", "--out", str(out)]) == 0
+    d = json.loads(out.read_text())
+    methods = {r["method"] for r in d["rows"]}
+    assert "HF assistant_early_exit 2" in methods and not any(m.startswith(("HF assisted", "early exit"))
+                                                                for m in methods)
+    (spec,) = [v for k, v in d["checks"].items() if k.startswith("self-speculative >= 1.6x")]
+    assert spec["gsm8k"].endswith(("met", "missed", "undecided (the interval contains the target)"))
+
+
 def test_kernels_end_to_end(tiny_checkpoint, tmp_path):
     out = tmp_path / "kernels.json"
     assert kernels.main(["--model", str(tiny_checkpoint), "--reps", "1", "--context", "16", "--dtype", "float32",

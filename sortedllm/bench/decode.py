@@ -61,7 +61,11 @@ from .kernels import cost_summary, print_costs
 TASKS = {"pandalm": "pandalm", "triviaqa": "triviaqa:test", "gsm8k": "gsm8k:test"}
 CALIBRATION = "gsm8k:train+triviaqa:train+alpaca:train"  # interleaved rows of the three training splits
 TARGETS = {"speculative_speedup": 1.5, "speculative_vs_hf_early_exit": 1.3, "early_exit_speedup": 1.5,
-           "early_exit_max_accuracy_loss": 0.01, "early_exit_agreement": 0.95, "static_vs_flop_share": 1.1}
+           "early_exit_max_accuracy_loss": 0.01, "early_exit_agreement": 0.95, "static_vs_flop_share": 1.1,
+           # per task, against our plain greedy in the same run (the paper: 1.41x / 1.16x / 0.82x speculative,
+           # 1.82x / 1.34x / 1.12x early exit)
+           "speculative_by_task": {"gsm8k": 1.6, "pandalm": 1.3, "triviaqa": 1.1},
+           "early_exit_by_task": {"gsm8k": 1.5, "pandalm": 1.25, "triviaqa": 1.25}}
 EXACT_PREFIXES = ("greedy (repeat)", "self-speculative")
 
 
@@ -75,6 +79,8 @@ def build_parser():
     p.add_argument("--hf_exits", default="9", help="draft exits of the two HF baselines")
     p.add_argument("--draft_layer", help="a trained draft layer (sortedllm train --mode draft) to draft with too "
                    "(default: the one attached to the model, if any; 'none' = off)")
+    p.add_argument("--skip_hf_assisted", action="store_true", help="leave out HF assisted decoding with the exported "
+                   "sub-model (the slowest baseline; HF assistant_early_exit stays)")
     p.add_argument("--skip_early_exit", action="store_true", help="leave out the early-exit methods (and their "
                    "calibration)")
     p.add_argument("--calibration_prompts", type=int, default=8)
@@ -178,8 +184,9 @@ def build_methods(sm, a, drafts: list[int], hf_exits: list[int], tuned: dict) ->
     methods["greedy (repeat)"] = methods["greedy"]
     hf_drafting = {"num_assistant_tokens": 4, "num_assistant_tokens_schedule": "heuristic_transient"}
     for k in hf_exits:
-        methods[f"HF assisted (sub-model {k})"] = hf_method(sm, sm.model, assistant_model=submodel(sm, k),
-                                                           **hf_drafting)
+        if not a.skip_hf_assisted:
+            methods[f"HF assisted (sub-model {k})"] = hf_method(sm, sm.model, assistant_model=submodel(sm, k),
+                                                               **hf_drafting)
         methods[f"HF assistant_early_exit {k}"] = hf_method(sm, sm.model, assistant_early_exit=k, **hf_drafting)
     for k in drafts:
         methods[f"self-speculative {k}"] = ours(sm, Speculative(k), a.dtype)
@@ -347,9 +354,11 @@ def checks(rows: list[dict], static_rows: list[dict], hf_exits: list[int]) -> di
     spec = [m for m in names if m.startswith("self-speculative")]
     if spec:
         best = {t: max((by[(m, t)] for m in spec), key=lambda r: r["speedup"]) for t in tasks}
-        out["self-speculative >= 1.5x greedy on every task"] = {
-            t: f"{b['speedup']:.2f}x [{b['speedup_ci95'][0]:.2f}, {b['speedup_ci95'][1]:.2f}] with {b['method']} "
-               f"(identical {b['identical_rate']:.0%})" for t, b in best.items()}
+        want = TARGETS["speculative_by_task"]
+        out["self-speculative >= " + " / ".join(f"{want[t]}x" for t in tasks) + " greedy (" + " / ".join(tasks) +
+            ")"] = {t: f"{b['speedup']:.2f}x [{b['speedup_ci95'][0]:.2f}, {b['speedup_ci95'][1]:.2f}] with "
+                       f"{b['method']} (identical {b['identical_rate']:.0%}): "
+                       f"{below(want[t], b['speedup_ci95'][0], b['speedup_ci95'][1])}" for t, b in best.items()}
     for k in hf_exits:
         ours_k, hf_k = f"self-speculative {k}", f"HF assistant_early_exit {k}"
         if (ours_k, tasks[0]) in by:
@@ -360,13 +369,21 @@ def checks(rows: list[dict], static_rows: list[dict], hf_exits: list[int]) -> di
         for t in tasks:
             r, g = by[(name, t)], by[("greedy", t)]
             loss = None if r["accuracy"] is None else g["accuracy"] - r["accuracy"]
-            cell[t] = f"{r['speedup']:.2f}x, identical {r['identical_rate']:.0%}" + \
-                ("" if loss is None else f", accuracy loss {100 * loss:+.1f} points")
-        out[f"{name} >= 1.5x at <= 1 point accuracy loss"] = cell
+            lo, hi = r["speedup_ci95"]
+            cell[t] = f"{r['speedup']:.2f}x [{lo:.2f}, {hi:.2f}], identical {r['identical_rate']:.0%}" + \
+                ("" if loss is None else f", accuracy loss {100 * loss:+.1f} points") + \
+                f": {below(TARGETS['early_exit_by_task'][t], lo, hi)}"
+        want = TARGETS["early_exit_by_task"]
+        out[f"{name} >= " + " / ".join(f"{want[t]}x" for t in tasks) + " at <= 1 point accuracy loss"] = cell
     out["static exit time per token / FLOP share (<= 1.1)"] = {
         f"exit {r['exit']}": f"{r['time_vs_flop_share']:.2f} (time share {r['time_share']:.3f}, FLOP share "
                              f"{r['flop_share']:.3f})" for r in static_rows}
     return out
+
+
+def below(target: float, lo: float, hi: float) -> str:
+    """Whether a speed-up's 95% interval clears `target` ("met"), lies under it ("missed") or contains it."""
+    return "met" if lo >= target else "missed" if hi < target else "undecided (the interval contains the target)"
 
 
 def cell(r: dict | None) -> str:
