@@ -372,7 +372,8 @@ def checks(rows: list[dict], static_rows: list[dict], hf_exits: list[int]) -> di
             lo, hi = r["speedup_ci95"]
             cell[t] = f"{r['speedup']:.2f}x [{lo:.2f}, {hi:.2f}], identical {r['identical_rate']:.0%}" + \
                 ("" if loss is None else f", accuracy loss {100 * loss:+.1f} points") + \
-                f": {below(TARGETS['early_exit_by_task'][t], lo, hi)}"
+                (f": {below(TARGETS['early_exit_by_task'][t], lo, hi)}" if "95%" in name else
+                 ": no verdict (the targets are for thresholds calibrated to 95% agreement)")
         want = TARGETS["early_exit_by_task"]
         out[f"{name} >= " + " / ".join(f"{want[t]}x" for t in tasks) + " at <= 1 point accuracy loss"] = cell
     out["static exit time per token / FLOP share (<= 1.1)"] = {
