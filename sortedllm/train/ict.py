@@ -158,5 +158,4 @@ def train(script, args) -> Path:
     if trainer.is_world_process_zero():
         sm.save_pretrained(final)
     trainer.accelerator.wait_for_everyone()
-    log.info("saved %s", final)
     return final

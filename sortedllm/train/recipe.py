@@ -86,7 +86,6 @@ def train(script: ScriptArguments, args: SoFTConfig) -> Path:
     elif trainer.is_world_process_zero():
         sm.save_pretrained(final)
     trainer.accelerator.wait_for_everyone()
-    log.info("saved %s", final)
     return final
 
 
