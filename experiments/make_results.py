@@ -28,7 +28,7 @@ sys.path.insert(0, str(ROOT))
 
 from sortedllm.checkpoint import atomic_dir, atomic_write_text  # noqa: E402
 from sortedllm.evaluate import plots  # noqa: E402
-from sortedllm.stats import paired_difference, paired_ratio  # noqa: E402
+from sortedllm.stats import at_least, paired_difference, paired_ratio  # noqa: E402
 
 # Display names of the model names experiments/paper.sh passes to `--names`.
 LABELS = {"soft": "SoFT", "sft": "SFT", "sft-ict": "SFT+ICT", "soft-ict": "SoFT+ICT", "soft-lora": "SoFT+LoRA",
@@ -721,7 +721,7 @@ def decode_section(dec: dict | None, v: Verdicts) -> list[str]:
             paper_best = max((PAPER_DECODE[k][task][0], k) for k in PAPER_DECODE if k.startswith("draft "))
             best_row = rows_by[(ours_best[1], task)]
             v.add(f"Self-speculative decoding on {name}: best draft exit's speedup at least the paper's best",
-                  at_least(best_row, paper_best[0]),
+                  speedup_at_least(best_row, paper_best[0]),
                   f"{speedup_cell(best_row)} ({ours_best[1]}) vs paper {fmt(paper_best[0], 'x')} ({paper_best[1]})",
                   decode_sample([rows_by[(ours_best[1], task)]]), fmt(paper_best[0], "x"),
                   standing_from_ratio(ours_best[0], paper_best[0], True))
@@ -738,7 +738,7 @@ def decode_section(dec: dict | None, v: Verdicts) -> list[str]:
         r = rows_by.get(("early exit (paper)", task))
         if r:
             px = PAPER_DECODE["early exit"][task][0]
-            v.add(f"Early exit with the paper's thresholds: speedup on {name}", at_least(r, px),
+            v.add(f"Early exit with the paper's thresholds: speedup on {name}", speedup_at_least(r, px),
                   f"{speedup_cell(r)} (same text {fmt(r['identical_rate'], 'pct')}) vs paper {fmt(px, 'x')}",
                   decode_sample([r]), fmt(px, "x"), standing_from_ratio(r["speedup"], px, True))
     return out
@@ -755,13 +755,11 @@ def decode_sample(rows: list[dict]) -> str:
         file="decode.json", what="each run's totals", row="prompt")
 
 
-def at_least(r: dict, target: float) -> str:
-    """Is a speed-up at least `target`: by its 95% interval where the row has one ("no difference" when the interval
-    contains the target), else by its value."""
+def speedup_at_least(r: dict, target: float) -> str:
+    """Is a speed-up at least `target`: by its 95% interval where the row has one, else by its value."""
     if "speedup_ci95" not in r:
         return "yes" if r["speedup"] >= target else "no"
-    lo, hi = r["speedup_ci95"]
-    return "yes" if lo >= target else "no" if hi < target else "no difference"
+    return at_least(*r["speedup_ci95"], target)
 
 
 def speedup_cell(r: dict) -> str:

@@ -30,6 +30,12 @@ def ratio_interval(numerator, denominator, resamples: int = RESAMPLES, seed: int
     return float(np.quantile(stats, tail)), float(np.quantile(stats, 1 - tail))
 
 
+def at_least(lo: float, hi: float, target: float) -> str:
+    """Where a 95% interval puts a value against a lower bound: "yes" when the whole interval is at or above it, "no"
+    when it lies below, "no difference" when it contains it."""
+    return "yes" if lo >= target else "no" if hi < target else "no difference"
+
+
 def paired_ratio(a, b, resamples: int = RESAMPLES, seed: int = 0, level: float = LEVEL) -> dict:
     """sum(a) / sum(b) for two measurements of the same rows (e.g. two models' loss sums per held-out example),
     with a paired percentile interval; `verdict` says whether the interval lies above 1, below 1, or crosses it."""

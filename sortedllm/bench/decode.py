@@ -54,6 +54,7 @@ from ..inference.batch import Batch, encode_prompts, stop_ids
 from ..inference.calibrate import Calibration, exit_statistics, search
 from ..inference.costs import cost_table
 from ..models import DEFAULT_MODEL, parameter_counts
+from ..stats import at_least
 from .common import (ROOT, Clock, check_args, default_out, exits_list, interval_fields, machine, parser, shown_path,
                      speedup, write_json)
 from .kernels import cost_summary, print_costs
@@ -358,12 +359,13 @@ def checks(rows: list[dict], static_rows: list[dict], hf_exits: list[int]) -> di
         out["self-speculative >= " + " / ".join(f"{want[t]}x" for t in tasks) + " greedy (" + " / ".join(tasks) +
             ")"] = {t: f"{b['speedup']:.2f}x [{b['speedup_ci95'][0]:.2f}, {b['speedup_ci95'][1]:.2f}] with "
                        f"{b['method']} (identical {b['identical_rate']:.0%}): "
-                       f"{below(want[t], b['speedup_ci95'][0], b['speedup_ci95'][1])}" for t, b in best.items()}
+                       f"{target_verdict(*b['speedup_ci95'], want[t])}" for t, b in best.items()}
     for k in hf_exits:
         ours_k, hf_k = f"self-speculative {k}", f"HF assistant_early_exit {k}"
         if (ours_k, tasks[0]) in by:
             out[f"{ours_k} vs {hf_k} (>= 1.3x)"] = {
                 t: f"{by[(ours_k, t)]['speedup'] / by[(hf_k, t)]['speedup']:.2f}x" for t in tasks}
+    want = TARGETS["early_exit_by_task"]
     for name in [m for m in names if m.startswith("early exit")]:
         cell = {}
         for t in tasks:
@@ -372,9 +374,8 @@ def checks(rows: list[dict], static_rows: list[dict], hf_exits: list[int]) -> di
             lo, hi = r["speedup_ci95"]
             cell[t] = f"{r['speedup']:.2f}x [{lo:.2f}, {hi:.2f}], identical {r['identical_rate']:.0%}" + \
                 ("" if loss is None else f", accuracy loss {100 * loss:+.1f} points") + \
-                (f": {below(TARGETS['early_exit_by_task'][t], lo, hi)}" if "95%" in name else
+                (f": {target_verdict(lo, hi, want[t])}" if "95%" in name else
                  ": no verdict (the targets are for thresholds calibrated to 95% agreement)")
-        want = TARGETS["early_exit_by_task"]
         out[f"{name} >= " + " / ".join(f"{want[t]}x" for t in tasks) + " at <= 1 point accuracy loss"] = cell
     out["static exit time per token / FLOP share (<= 1.1)"] = {
         f"exit {r['exit']}": f"{r['time_vs_flop_share']:.2f} (time share {r['time_share']:.3f}, FLOP share "
@@ -382,9 +383,12 @@ def checks(rows: list[dict], static_rows: list[dict], hf_exits: list[int]) -> di
     return out
 
 
-def below(target: float, lo: float, hi: float) -> str:
-    """Whether a speed-up's 95% interval clears `target` ("met"), lies under it ("missed") or contains it."""
-    return "met" if lo >= target else "missed" if hi < target else "undecided (the interval contains the target)"
+TARGET_WORDS = {"yes": "met", "no": "missed", "no difference": "undecided (the interval contains the target)"}
+
+
+def target_verdict(lo: float, hi: float, target: float) -> str:
+    """A speed-up's 95% interval against a target (stats.at_least), in the targets' words."""
+    return TARGET_WORDS[at_least(lo, hi, target)]
 
 
 def cell(r: dict | None) -> str:
