@@ -56,8 +56,8 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
 # oneDNN's bfloat16 products of 3-6 rows run faster here than those of 1 or 2 (SmolLM2's 30 layers' products: 17 ms
 # at 2 rows, 13 ms at 4, 15 ms at 1; `sortedllm bench kernels` shows the LM head's "unpadded oneDNN" row), and row i
 # of a product is the same number for every row count >= 2, while a one-row product now and then sums in another
-# order. So every product of fewer rows
-# runs padded to MIN_ROWS: faster, and a one-token step computes bitwise what a verify step of several tokens does.
+# order. So every product of fewer rows runs padded to MIN_ROWS: faster, and a one-token step computes bitwise what
+# a verify step of several tokens does.
 MIN_ROWS = 4
 
 
@@ -135,18 +135,17 @@ SIBLINGS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))  # Llama, 
 
 
 def _fuse_siblings(module: nn.Module, dtype: torch.dtype) -> None:
-    """Replace each group of SIBLINGS under `module` by the parts of one `FusedLinears`."""
-    for sub in list(module.modules()):
-        for names in SIBLINGS:
-            linears = [getattr(sub, n, None) for n in names]
-            if not all(isinstance(lin, nn.Linear) for lin in linears):
-                continue
-            if len({lin.in_features for lin in linears}) > 1 or len({lin.bias is None for lin in linears}) > 1:
-                continue
-            group = FusedLinears(linears, dtype)
-            sub.add_module("fused_" + "_".join(n.split("_")[0] for n in names), group)
-            for i, n in enumerate(names):
-                setattr(sub, n, FusedPart(group, i))
+    """Replace each group of SIBLINGS among `module`'s own children by the parts of one `FusedLinears`."""
+    for names in SIBLINGS:
+        linears = [getattr(module, n, None) for n in names]
+        if not all(isinstance(lin, nn.Linear) for lin in linears):
+            continue
+        if len({lin.in_features for lin in linears}) > 1 or len({lin.bias is None for lin in linears}) > 1:
+            continue
+        group = FusedLinears(linears, dtype)
+        module.add_module("fused_" + "_".join(n.split("_")[0] for n in names), group)
+        for i, n in enumerate(names):
+            setattr(module, n, FusedPart(group, i))
 
 
 def packed(module: nn.Module, dtype: torch.dtype, device: torch.device) -> nn.Module:
